@@ -1,0 +1,3 @@
+from agentbus.cli.main import main
+
+main()

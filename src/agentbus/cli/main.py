@@ -1,0 +1,386 @@
+"""`agentbus`: run the platform, and operate it (streams, database, schemas)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agentbus import __version__
+from agentbus.errors import AgentbusError, EmbeddedServerError
+from agentbus.logs import configure_logging
+from agentbus.settings import Settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="agentbus",
+    help="Event-sourced message bus for AI-agent gateways (NATS JetStream + Postgres).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+streams_app = typer.Typer(help="JetStream stream definitions (streams/).", no_args_is_help=True)
+db_app = typer.Typer(help="Postgres read-model database.", no_args_is_help=True)
+schemas_app = typer.Typer(help="JSON Schemas and AsyncAPI of the events.", no_args_is_help=True)
+app.add_typer(streams_app, name="streams")
+app.add_typer(db_app, name="db")
+app.add_typer(schemas_app, name="schemas")
+
+out = Console()
+err = Console(stderr=True)
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Where embedded servers keep data. [default: ./.agentbus]"),
+]
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro`; agentbus errors become one clear line on stderr and exit code 1."""
+    try:
+        return asyncio.run(coro)
+    except AgentbusError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _nats_url(settings: Settings) -> str:
+    return settings.nats_url or f"nats://127.0.0.1:{settings.nats_port}"
+
+
+@app.callback()
+def _main() -> None:
+    """Configure nothing global here: each command reads Settings once."""
+
+
+@app.command()
+def version() -> None:
+    """Print the agentbus version."""
+    out.print(__version__)
+
+
+@app.command()
+def up(
+    data_dir: DataDirOption = None,
+    host: Annotated[
+        str | None, typer.Option(help="HTTP bind address. [default: 127.0.0.1]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port. [default: 8080]")] = None,
+    nats_port: Annotated[
+        int | None, typer.Option(help="Embedded nats-server port. [default: 4222]")
+    ] = None,
+) -> None:
+    """Start everything in one process: embedded nats-server and Postgres (unless
+    AGENTBUS_NATS_URL / AGENTBUS_DATABASE_URL point elsewhere), streams, migrations, and
+    every role. Ctrl-C or SIGTERM stops it all; data stays in the data dir."""
+    settings = _settings(data_dir=data_dir, host=host, port=port, nats_port=nats_port)
+    configure_logging(settings.log_format, settings.log_level)
+    _run(_up(settings))
+
+
+@app.command()
+def serve(
+    role: Annotated[
+        str, typer.Option(help="gateway, projector, worker, or all (comma-separated ok).")
+    ] = "all",
+    host: Annotated[str | None, typer.Option(help="HTTP bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
+) -> None:
+    """Run roles against external NATS and Postgres (AGENTBUS_NATS_URL, AGENTBUS_DATABASE_URL).
+    Streams and migrations must have been applied (`agentbus streams apply`, `agentbus db
+    upgrade`)."""
+    from agentbus.runtime.roles import ROLES, Role
+
+    settings = _settings(host=host, port=port)
+    configure_logging(settings.log_format, settings.log_level)
+    names = [r.strip() for r in role.split(",") if r.strip()]
+    roles: set[Role] = set()
+    for name in names:
+        if name == "all":
+            roles.update(ROLES)
+        elif name in ROLES:
+            roles.add(name)
+        else:
+            raise typer.BadParameter(f"unknown role {name!r}; choose from {', '.join(ROLES)}, all")
+    if settings.nats_url is None or settings.database_url is None:
+        err.print(
+            "[bold red]error:[/] serve needs AGENTBUS_NATS_URL and AGENTBUS_DATABASE_URL "
+            "(use `agentbus up` for the embedded servers)"
+        )
+        raise typer.Exit(2)
+    _run(_serve(settings, settings.nats_url, settings.database_url, roles))
+
+
+# --------------------------------------------------------------------------- up / serve
+
+
+@contextlib.contextmanager
+def _data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """One `agentbus up` per data dir at a time."""
+    lock_path = data_dir / "agentbus.lock"
+    handle = lock_path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise EmbeddedServerError(
+                f"data dir {data_dir} is in use by another agentbus (pid {owner})"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+async def _up(settings: Settings) -> None:
+    from agentbus.runtime.embedded import (
+        EmbeddedNats,
+        EmbeddedPostgres,
+        ensure_data_dir,
+        port_is_free,
+    )
+
+    data_dir = ensure_data_dir(settings.data_dir)
+    if settings.port and not port_is_free(settings.host, settings.port):
+        raise EmbeddedServerError(
+            f"HTTP port {settings.host}:{settings.port} is busy: stop what uses it or pass --port"
+        )
+    with _data_dir_lock(data_dir):
+        nats_server: EmbeddedNats | None = None
+        postgres: EmbeddedPostgres | None = None
+        try:
+            with err.status("starting nats-server…"):
+                if settings.nats_url is None:
+                    nats_server = EmbeddedNats(data_dir / "nats", port=settings.nats_port)
+                    nats_url = await asyncio.to_thread(nats_server.start)
+                else:
+                    nats_url = settings.nats_url
+            with err.status("starting Postgres…"):
+                if settings.database_url is None:
+                    postgres = EmbeddedPostgres(data_dir / "pg")
+                    database_url = await asyncio.to_thread(postgres.start)
+                else:
+                    database_url = settings.database_url
+            await _start_platform(
+                settings, nats_url, database_url, {"gateway", "projector", "worker"}, data_dir
+            )
+        finally:
+            if postgres is not None:
+                await asyncio.to_thread(postgres.stop)
+            if nats_server is not None:
+                await asyncio.to_thread(nats_server.stop)
+            err.print("agentbus stopped")
+
+
+async def _serve(settings: Settings, nats_url: str, database_url: str, roles: set[Any]) -> None:
+    await _start_platform(settings, nats_url, database_url, roles, None, prepare=False)
+
+
+async def _start_platform(
+    settings: Settings,
+    nats_url: str,
+    database_url: str,
+    roles: set[Any],
+    data_dir: Path | None,
+    *,
+    prepare: bool = True,
+) -> None:
+    from agentbus.db.migrations import upgrade
+    from agentbus.resources import resource
+    from agentbus.runtime.platform import Platform
+    from agentbus.runtime.roles import run_roles
+    from agentbus.store.streams import apply_streams, load_stream_specs
+
+    platform = await Platform.connect(settings, nats_url, database_url)
+    try:
+        if prepare:
+            with err.status("applying streams and migrations…"):
+                await apply_streams(platform.nc, load_stream_specs(resource("streams")))
+                await upgrade(database_url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready() -> None:
+            _print_running(settings, nats_url, database_url, roles, data_dir)
+
+        try:
+            await run_roles(
+                platform, roles, host=settings.host, port=settings.port, stop=stop, on_ready=ready
+            )
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    finally:
+        await platform.close()
+
+
+def _print_running(
+    settings: Settings, nats_url: str, database_url: str, roles: set[Any], data_dir: Path | None
+) -> None:
+    table = Table(
+        title=f"agentbus {__version__} is running",
+        title_justify="left",
+        show_header=False,
+        box=None,
+        padding=(0, 2),
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    if "gateway" in roles:
+        base = f"http://{settings.host}:{settings.port}"
+        table.add_row("HTTP", f"{base}  (health {base}/healthz, API docs {base}/docs)")
+    table.add_row("NATS", nats_url)
+    table.add_row("Postgres", database_url)
+    table.add_row("roles", ", ".join(sorted(roles)))
+    if data_dir is not None:
+        table.add_row("data", str(data_dir))
+    table.add_row("stop", "Ctrl-C (or SIGTERM)")
+    err.print(table)
+
+
+# --------------------------------------------------------------------------- streams
+
+
+@streams_app.command("apply")
+def streams_apply(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the diff, change nothing.")] = (
+        False
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Also apply destructive changes.")] = False,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Stream definitions. [default: streams/]")
+    ] = None,
+) -> None:
+    """Create or update the JetStream streams from their definitions, printing the diff.
+    Destructive changes (storage, retention, removed subjects, ...) need --force."""
+    settings = _settings()
+    configure_logging(settings.log_format, settings.log_level)
+    _run(_streams_apply(settings, directory, dry_run=dry_run, force=force))
+
+
+async def _streams_apply(
+    settings: Settings, directory: Path | None, *, dry_run: bool, force: bool
+) -> None:
+    from agentbus.resources import resource
+    from agentbus.store.connection import connect_nats
+    from agentbus.store.streams import apply_streams, load_stream_specs, plan_streams, render_plans
+
+    specs = load_stream_specs(directory or resource("streams"))
+    nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
+    try:
+        plans = await plan_streams(nc, specs)
+        out.print(render_plans(plans))
+        if dry_run:
+            out.print("dry run: nothing changed")
+            return
+        await apply_streams(nc, specs, force=force)
+        changed = [p for p in plans if p.action != "unchanged"]
+        out.print(f"applied: {len(changed)} changed, {len(plans) - len(changed)} unchanged")
+    finally:
+        await nc.close()
+
+
+# --------------------------------------------------------------------------- db
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: DataDirOption = None) -> None:
+    """Apply the migrations in migrations/ to AGENTBUS_DATABASE_URL (or the embedded Postgres
+    in the data dir, started for the occasion if `agentbus up` is not running)."""
+    settings = _settings(data_dir=data_dir)
+    configure_logging(settings.log_format, settings.log_level)
+    _run(_db_upgrade(settings))
+
+
+async def _db_upgrade(settings: Settings) -> None:
+    from agentbus.db.migrations import upgrade
+    from agentbus.runtime.embedded import EmbeddedPostgres, ensure_data_dir
+
+    postgres: EmbeddedPostgres | None = None
+    url = settings.database_url
+    if url is None:
+        postgres = EmbeddedPostgres(ensure_data_dir(settings.data_dir) / "pg")
+        url = await asyncio.to_thread(postgres.start)
+    try:
+        before, after = await upgrade(url)
+    finally:
+        # Leave a server that `agentbus up` runs alone; stop one we started ourselves.
+        if postgres is not None and not _locked_by_other(settings.data_dir):
+            await asyncio.to_thread(postgres.stop)
+    if before == after:
+        out.print(f"database is up to date (revision {after})")
+    else:
+        out.print(f"database migrated: {before or 'empty'} -> {after}")
+
+
+def _locked_by_other(data_dir: Path) -> bool:
+    lock_path = data_dir / "agentbus.lock"
+    if not lock_path.exists():
+        return False
+    with lock_path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@schemas_app.command("export")
+def schemas_export(
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Target folder. [default: schemas/]")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Only report drift; exit 1 if any.")
+    ] = False,
+) -> None:
+    """Write one JSON Schema (2020-12) per event type and an AsyncAPI 3.0 document."""
+    from agentbus.events.catalog import default_registry
+    from agentbus.events.schemas import check_schema_files, write_schema_files
+    from agentbus.resources import resource
+
+    target = directory or resource("schemas")
+    registry = default_registry()
+    if check:
+        drift = check_schema_files(target, registry)
+        for line in drift:
+            out.print(line, highlight=False)
+        if drift:
+            out.print("schemas drifted: run `agentbus schemas export`")
+            raise typer.Exit(1)
+        out.print(f"schemas in {target} match the event models")
+        return
+    result = write_schema_files(target, registry)
+    out.print(
+        f"{target}: {len(result.written)} written, {len(result.unchanged)} unchanged",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    app()

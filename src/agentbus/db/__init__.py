@@ -1,0 +1,1 @@
+"""Postgres: the engine for read models and the migrations that shape them."""

@@ -1,0 +1,24 @@
+"""The list of every event type agentbus knows, and the registry built from it.
+
+Add a new event model here; add an `Upcaster` here when a type gets a new version.
+"""
+
+from __future__ import annotations
+
+from agentbus.events.registry import DomainEvent, EventRegistry, Upcaster
+from agentbus.events.session import MessageReceived, MessageSent, SessionClosed, SessionOpened
+from agentbus.events.workspace import WorkspaceCreated
+
+EVENT_MODELS: tuple[type[DomainEvent], ...] = (
+    WorkspaceCreated,
+    SessionOpened,
+    SessionClosed,
+    MessageReceived,
+    MessageSent,
+)
+
+UPCASTERS: tuple[Upcaster, ...] = ()
+
+
+def default_registry() -> EventRegistry:
+    return EventRegistry(EVENT_MODELS, UPCASTERS)

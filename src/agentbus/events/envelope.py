@@ -1,0 +1,104 @@
+"""The CloudEvents 1.0 envelope every durable event travels in (structured JSON mode)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Extension attribute values are bounded so a header or an id cannot carry a payload.
+_SHORT = 256
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvents 1.0 event, with agentbus's extension attributes.
+
+    `data` holds the typed domain event (see `DomainEvent`) as JSON.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    specversion: Literal["1.0"] = Field(default="1.0", description="CloudEvents version.")
+    id: str = Field(
+        min_length=1,
+        max_length=_SHORT,
+        description="Event id, unique per source: a UUIDv7 unless given by the caller. "
+        "Also the JetStream idempotency key (Nats-Msg-Id).",
+    )
+    source: str = Field(
+        min_length=1, max_length=_SHORT, description="What produced the event (URI-reference)."
+    )
+    type: str = Field(
+        min_length=1,
+        max_length=_SHORT,
+        examples=["agentbus.run.started.v1"],
+        description="Versioned event type: agentbus.<aggregate>.<event>.v<n>.",
+    )
+    subject: str = Field(
+        min_length=1,
+        max_length=_SHORT,
+        examples=["run/01J9Z..."],
+        description="The aggregate the event belongs to: <aggregate>/<id>.",
+    )
+    time: datetime = Field(description="When the occurrence happened (RFC 3339).")
+    datacontenttype: Literal["application/json"] = Field(
+        default="application/json", description="Media type of data."
+    )
+    data: dict[str, Any] = Field(description="The event's payload, as its type's model defines.")
+    workspace: str = Field(
+        min_length=1, max_length=64, description="Extension: the workspace (tenant) of the event."
+    )
+    traceparent: str | None = Field(
+        default=None, max_length=_SHORT, description="Extension: W3C Trace Context traceparent."
+    )
+    causationid: str | None = Field(
+        default=None, max_length=_SHORT, description="Extension: id of what caused this event."
+    )
+    correlationid: str | None = Field(
+        default=None,
+        max_length=_SHORT,
+        description="Extension: id shared by every event of one conversation or request.",
+    )
+    actor: str | None = Field(
+        default=None, max_length=_SHORT, description="Extension: who acted (user, agent, service)."
+    )
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class EventContext(BaseModel):
+    """Who and what caused the events being appended: copied onto each envelope."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(default="agentbus", min_length=1, max_length=_SHORT)
+    actor: str | None = Field(default=None, max_length=_SHORT)
+    traceparent: str | None = Field(default=None, max_length=_SHORT)
+    causationid: str | None = Field(default=None, max_length=_SHORT)
+    correlationid: str | None = Field(default=None, max_length=_SHORT)
+
+    DEFAULT: ClassVar[EventContext]
+
+
+EventContext.DEFAULT = EventContext()
+
+
+def uuid7(now_ns: int | None = None) -> str:
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness. Sorts by time."""
+    ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version
+    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a (12 bits)
+    value |= 0b10 << 62  # variant
+    value |= rand & ((1 << 62) - 1)  # rand_b (62 bits)
+    return str(uuid.UUID(int=value))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

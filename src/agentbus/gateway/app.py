@@ -1,0 +1,86 @@
+"""The gateway's FastAPI application."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from agentbus import __version__
+from agentbus.gateway.problems import PROBLEM_JSON, install_problem_handlers
+from agentbus.runtime.platform import Platform
+
+REQUIRED_STREAMS = ("EVENTS", "LIVE")
+
+
+def create_app(platform: Platform) -> FastAPI:
+    """The gateway app over already-open connections (the caller owns their lifetime)."""
+    app = FastAPI(
+        title="agentbus",
+        version=__version__,
+        summary="Event-sourced message bus for AI-agent gateways",
+    )
+    install_problem_handlers(app)
+
+    @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Readiness: NATS and Postgres reachable, streams present",
+        responses={503: {"content": {PROBLEM_JSON: {}}, "description": "not ready"}},
+    )
+    async def readyz() -> JSONResponse:
+        checks = await readiness(platform)
+        ready = all(value == "ok" for value in checks.values())
+        if ready:
+            return JSONResponse({"status": "ready", "checks": checks})
+        failing = ", ".join(f"{name}: {value}" for name, value in checks.items() if value != "ok")
+        return JSONResponse(
+            {
+                "type": "https://agentbus.dev/problems/not-ready",
+                "title": "Not ready",
+                "status": 503,
+                "detail": failing,
+                "checks": checks,
+            },
+            status_code=503,
+            media_type=PROBLEM_JSON,
+        )
+
+    return app
+
+
+async def readiness(platform: Platform, timeout: float = 2.0) -> dict[str, str]:
+    """Each dependency's state: "ok" or what is wrong with it."""
+    checks: dict[str, str] = {}
+    if not platform.nc.is_connected:
+        checks["nats"] = "not connected"
+    else:
+        checks["nats"] = "ok"
+        for stream in REQUIRED_STREAMS:
+            checks[f"stream:{stream}"] = await _stream_state(platform, stream, timeout)
+    try:
+        async with asyncio.timeout(timeout), platform.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = f"unreachable: {type(exc).__name__}"
+    return checks
+
+
+async def _stream_state(platform: Platform, stream: str, timeout: float) -> str:
+    try:
+        reply = await platform.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=timeout)
+    except Exception as exc:
+        return f"no answer: {type(exc).__name__}"
+    info: dict[str, Any] = orjson.loads(reply.data)
+    if "error" in info:
+        return f"missing ({info['error'].get('description', 'error')}): run agentbus streams apply"
+    return "ok"

@@ -1,0 +1,46 @@
+"""The connections every role shares: NATS, the event store, and the Postgres engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentbus.db.engine import create_engine
+from agentbus.errors import StoreUnavailable
+from agentbus.events.catalog import default_registry
+from agentbus.settings import Settings
+from agentbus.store.connection import connect_nats
+from agentbus.store.eventstore import EventStore
+
+
+@dataclass
+class Platform:
+    """Open connections, created once per process and passed to every role."""
+
+    settings: Settings
+    nats_url: str
+    database_url: str
+    nc: NATS
+    store: EventStore
+    engine: AsyncEngine
+
+    @classmethod
+    async def connect(cls, settings: Settings, nats_url: str, database_url: str) -> Platform:
+        nc = await connect_nats(nats_url, timeout=settings.connect_timeout)
+        engine = create_engine(database_url)
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except Exception as exc:
+            await nc.close()
+            await engine.dispose()
+            raise StoreUnavailable(f"cannot reach Postgres: {exc}") from exc
+        store = EventStore(nc, default_registry(), timeout=settings.store_timeout)
+        return cls(settings, nats_url, database_url, nc, store, engine)
+
+    async def close(self) -> None:
+        await self.nc.drain() if self.nc.is_connected else await self.nc.close()
+        await self.engine.dispose()

@@ -1,0 +1,74 @@
+"""Running roles (gateway, projector, worker) in one process until asked to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Generator
+from typing import Literal, get_args
+
+import structlog
+import uvicorn
+
+from agentbus.gateway.app import create_app
+from agentbus.runtime.platform import Platform
+
+Role = Literal["gateway", "projector", "worker"]
+ROLES: tuple[Role, ...] = get_args(Role)
+
+log = structlog.get_logger("agentbus.roles")
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the process-wide stop event governs."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def run_roles(
+    platform: Platform,
+    roles: set[Role],
+    *,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run `roles` until `stop` is set, then shut them down gracefully."""
+    server: _HttpServer | None = None
+    tasks: list[asyncio.Task[None]] = []
+    if "gateway" in roles:
+        config = uvicorn.Config(
+            create_app(platform),
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        server = _HttpServer(config)
+        tasks.append(asyncio.create_task(server.serve(), name="gateway"))
+    if "projector" in roles:
+        log.info("projector role: no projections are registered in this build yet")
+    if "worker" in roles:
+        log.info("worker role: no workers are registered in this build yet")
+
+    if server is not None:
+        while not server.started:
+            if tasks[0].done():
+                await tasks[0]  # re-raises a failed start (e.g. busy port)
+                raise RuntimeError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.02)
+    if on_ready is not None:
+        on_ready()
+
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    if server is not None:
+        server.should_exit = True
+    stopper.cancel()
+    for task in tasks:
+        await task

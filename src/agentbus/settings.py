@@ -1,0 +1,56 @@
+"""The one settings object. Read once at the edge (CLI), then passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of agentbus, from `AGENTBUS_*` environment variables.
+
+    No `nats_url` / `database_url` means the embedded servers started by `agentbus up`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AGENTBUS_", extra="ignore", frozen=True)
+
+    nats_url: str | None = Field(
+        default=None, description="External NATS URL; unset means the embedded nats-server."
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="External Postgres URL (postgresql://...); unset means embedded pgserver.",
+    )
+    data_dir: Path = Field(
+        default=Path(".agentbus"), description="Where embedded servers keep their data."
+    )
+    host: str = Field(default="127.0.0.1", description="HTTP bind address (loopback by default).")
+    port: int = Field(default=8080, ge=0, le=65535, description="HTTP port.")
+    nats_port: int = Field(
+        default=4222, ge=0, le=65535, description="Port of the embedded nats-server (loopback)."
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: readable on a terminal, JSON otherwise."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    store_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds an append or read waits for JetStream before StoreUnavailable.",
+    )
+    connect_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to wait for NATS / Postgres at start."
+    )
+
+    @field_validator("nats_url", "database_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def embedded(self) -> bool:
+        """True when at least one server must be started by agentbus itself."""
+        return self.nats_url is None or self.database_url is None

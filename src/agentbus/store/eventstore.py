@@ -1,0 +1,484 @@
+"""The event store: the only way anything appends events to, or reads them from, JetStream.
+
+Positions are EVENTS stream sequence numbers. An aggregate's last position is the sequence of
+its newest event (0: none yet). Appends carry:
+
+- `Nats-Msg-Id` = the event id, so a retried append is recognised as a duplicate;
+- `Nats-Expected-Last-Subject-Sequence` (+ `...-Subject` = the aggregate's wildcard) when the
+  caller states an expectation, so concurrent writers of one aggregate serialise;
+- JetStream atomic batch headers when one decision yields several events: all or nothing.
+
+nats-server checks the expectation *before* the de-duplication window, so a retry of an append
+that had landed comes back as "wrong last sequence". The store then looks the event ids up in
+the aggregate: if they are all there, the append is reported as a duplicate with the original
+positions (this works beyond the 2-minute duplicate window too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, MaxPayloadError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
+
+from agentbus.errors import ConcurrencyConflict, InvalidEvent, StoreUnavailable
+from agentbus.events.envelope import CloudEvent, EventContext, utcnow, uuid7
+from agentbus.events.registry import DomainEvent, EventRegistry
+from agentbus.events.subjects import EVENTS_PREFIX, AggregateRef
+
+EVENTS_STREAM: Final = "EVENTS"
+MAX_BATCH: Final = 1000  # JetStream's limit for one atomic batch
+MAX_ID_LENGTH: Final = 128
+
+_WRONG_LAST_SEQUENCE = 10071
+_BATCH_DUPLICATE_ID = 10201
+_LAST_SEQ = re.compile(r"wrong last sequence: (\d+)")
+_TRANSPORT_ERRORS = (NatsTimeout, asyncio.TimeoutError, NoRespondersError, ConnectionClosedError)
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """What the caller believes the aggregate's last position is. `Expect.ANY` checks nothing."""
+
+    position: int | None
+
+    @classmethod
+    def at(cls, position: int) -> Expect:
+        if position < 0:
+            raise ValueError(f"expected position must be >= 0, got {position}")
+        return cls(position)
+
+
+ANY: Final = Expect(None)
+"""No expectation: append whatever the aggregate holds."""
+NO_EVENTS: Final = Expect(0)
+"""The aggregate must have no events yet (it is being created)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where the appended events are. `duplicate`: they had been appended before (a retry)."""
+
+    positions: tuple[int, ...]
+    event_ids: tuple[str, ...]
+    duplicate: bool = False
+
+    @property
+    def last_position(self) -> int:
+        return self.positions[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored: its position, subject, envelope and decoded (upcast) payload."""
+
+    position: int
+    subject: str
+    envelope: CloudEvent
+    event: DomainEvent
+
+    @property
+    def id(self) -> str:
+        return self.envelope.id
+
+    @property
+    def type(self) -> str:
+        return self.envelope.type
+
+    @property
+    def time(self) -> datetime:
+        return self.envelope.time
+
+    @property
+    def ref(self) -> AggregateRef:
+        return AggregateRef.from_subject(self.subject)
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateHistory:
+    """Everything one aggregate has recorded, oldest first; `last_position` 0 when empty."""
+
+    events: tuple[RecordedEvent, ...]
+    last_position: int
+
+
+class EventStore:
+    """Appends to and reads from the EVENTS stream. Every wait is bounded by `timeout`."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        registry: EventRegistry,
+        *,
+        stream: str = EVENTS_STREAM,
+        timeout: float = 5.0,
+    ) -> None:
+        self._nc = nc
+        self._registry = registry
+        self._stream = stream
+        self._timeout = timeout
+
+    @property
+    def registry(self) -> EventRegistry:
+        return self._registry
+
+    # ------------------------------------------------------------------ append
+
+    async def append(
+        self,
+        ref: AggregateRef,
+        events: Sequence[DomainEvent],
+        *,
+        expect: Expect = ANY,
+        context: EventContext = EventContext.DEFAULT,
+        event_ids: Sequence[str] | None = None,
+    ) -> AppendResult:
+        """Append `events` to aggregate `ref`, all or nothing.
+
+        `event_ids` (default: fresh UUIDv7s) are the idempotency keys: append the same events
+        with the same ids again and the result says `duplicate=True` with the original
+        positions. Raises `ConcurrencyConflict` when `expect` does not hold, `InvalidEvent`
+        for malformed input (nothing is published), `StoreUnavailable` when JetStream does not
+        answer within the timeout (outcome unknown: retry with the same ids).
+        """
+        ids = _checked_ids(ref, events, event_ids)
+        messages = [
+            (ref.subject(event.kind.name), encode_event(ref, event, event_id, context))
+            for event, event_id in zip(events, ids, strict=True)
+        ]
+        headers = {"Nats-Msg-Id": ids[0]}
+        if expect.position is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(expect.position)
+            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = ref.filter
+        try:
+            if len(messages) == 1:
+                reply = await self._nc.request(
+                    messages[0][0], messages[0][1], timeout=self._timeout, headers=headers
+                )
+            else:
+                reply = await self._publish_batch(messages, ids, headers)
+        except MaxPayloadError as exc:
+            raise InvalidEvent(f"event too large for {ref.path}: {exc}") from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise StoreUnavailable(
+                f"JetStream did not acknowledge the append to {ref.path} within "
+                f"{self._timeout:g}s ({type(exc).__name__}); retry with the same event ids"
+            ) from exc
+        return await self._settle(ref, ids, expect, orjson.loads(reply.data))
+
+    async def _publish_batch(
+        self, messages: list[tuple[str, bytes]], ids: list[str], first_headers: dict[str, str]
+    ) -> Msg:
+        batch_id = uuid.uuid4().hex
+        last = len(messages)
+        for index, ((subject, payload), event_id) in enumerate(
+            zip(messages[:-1], ids[:-1], strict=True), start=1
+        ):
+            headers = first_headers if index == 1 else {"Nats-Msg-Id": event_id}
+            await self._nc.publish(
+                subject,
+                payload,
+                headers={**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(index)},
+            )
+        subject, payload = messages[-1]
+        return await self._nc.request(
+            subject,
+            payload,
+            timeout=self._timeout,
+            headers={
+                "Nats-Msg-Id": ids[-1],
+                "Nats-Batch-Id": batch_id,
+                "Nats-Batch-Sequence": str(last),
+                "Nats-Batch-Commit": "1",
+            },
+        )
+
+    async def _settle(
+        self, ref: AggregateRef, ids: list[str], expect: Expect, ack: Mapping[str, Any]
+    ) -> AppendResult:
+        error = ack.get("error")
+        if error is None:
+            last = int(ack["seq"])
+            count = int(ack.get("count", 1))
+            return AppendResult(
+                positions=tuple(range(last - count + 1, last + 1)),
+                event_ids=tuple(ids),
+                duplicate=bool(ack.get("duplicate", False)),
+            )
+        code = error.get("err_code")
+        description = str(error.get("description", error))
+        if code in (_WRONG_LAST_SEQUENCE, _BATCH_DUPLICATE_ID):
+            after = expect.position or 0
+            found = await self._positions_of(ref, ids, after=after)
+            if len(found) == len(ids):
+                return AppendResult(
+                    positions=tuple(found[i] for i in ids), event_ids=tuple(ids), duplicate=True
+                )
+            if found:
+                raise InvalidEvent(
+                    f"event ids {sorted(found)} are already used by other events of {ref.path}"
+                )
+            if code == _BATCH_DUPLICATE_ID:
+                raise InvalidEvent(
+                    f"event ids of this append were already used elsewhere in the stream: "
+                    f"{description}"
+                )
+            match = _LAST_SEQ.search(description)
+            raise ConcurrencyConflict(ref.filter, expect.position, int(match[1]) if match else None)
+        if error.get("code") == 503:
+            raise StoreUnavailable(f"JetStream refused the append to {ref.path}: {description}")
+        raise InvalidEvent(f"JetStream refused the append to {ref.path}: {description}")
+
+    async def _positions_of(
+        self, ref: AggregateRef, ids: list[str], *, after: int
+    ) -> dict[str, int]:
+        wanted = set(ids)
+        found: dict[str, int] = {}
+        async for msg in self._direct_get(ref.filter, after + 1):
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+            if msg_id in wanted:
+                found[msg_id] = int((msg.headers or {})["Nats-Sequence"])
+        return found
+
+    # ------------------------------------------------------------------ read
+
+    async def load(self, ref: AggregateRef) -> AggregateHistory:
+        """Every event of one aggregate, oldest first, with its last position."""
+        events = [
+            self._decode(
+                int((msg.headers or {})["Nats-Sequence"]),
+                (msg.headers or {})["Nats-Subject"],
+                msg.data,
+            )
+            async for msg in self._direct_get(ref.filter, 1)
+        ]
+        return AggregateHistory(tuple(events), events[-1].position if events else 0)
+
+    async def get(self, position: int) -> RecordedEvent | None:
+        """The event at `position`, or None if there is none (never written, or beyond)."""
+        if position < 1:
+            raise ValueError(f"positions start at 1, got {position}")
+        try:
+            reply = await self._nc.request(
+                f"$JS.API.DIRECT.GET.{self._stream}",
+                orjson.dumps({"seq": position}),
+                timeout=self._timeout,
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise StoreUnavailable(f"direct get of position {position} timed out") from exc
+        headers = reply.headers or {}
+        if "Status" in headers:
+            if headers["Status"] == "404":
+                return None
+            raise StoreUnavailable(f"direct get failed: {headers}")
+        return self._decode(int(headers["Nats-Sequence"]), headers["Nats-Subject"], reply.data)
+
+    async def last_position(self) -> int:
+        """The stream's last position (0 when empty)."""
+        try:
+            reply = await self._nc.request(
+                f"$JS.API.STREAM.INFO.{self._stream}", b"", timeout=self._timeout
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise StoreUnavailable(f"stream info of {self._stream} timed out") from exc
+        info = orjson.loads(reply.data)
+        if "error" in info:
+            raise StoreUnavailable(f"stream {self._stream}: {info['error'].get('description')}")
+        return int(info["state"]["last_seq"])
+
+    async def read(
+        self,
+        *,
+        from_position: int = 1,
+        subjects: Sequence[str] = (f"{EVENTS_PREFIX}.>",),
+        to_position: int | None = None,
+        follow: bool = False,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Every event at `from_position` or later on `subjects`, in order, gap-free.
+
+        Without `follow`, stops at `to_position` (default: the stream's last position when the
+        read starts). With `follow`, keeps waiting for new events until cancelled.
+        """
+        if from_position < 1:
+            raise ValueError(f"positions start at 1, got {from_position}")
+        if not subjects:
+            raise ValueError("read needs at least one subject filter")
+        until = to_position
+        if not follow and until is None:
+            until = await self.last_position()
+        if until is not None and until < from_position:
+            return
+        js = self._nc.jetstream(timeout=self._timeout)
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=from_position,
+            filter_subjects=list(subjects) if len(subjects) > 1 else None,
+        )
+        try:
+            sub = await js.subscribe(
+                subjects[0],
+                stream=self._stream,
+                ordered_consumer=True,
+                config=config,
+                idle_heartbeat=2.0,
+                pending_msgs_limit=16_384,
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise StoreUnavailable(f"cannot start a reader on {self._stream}") from exc
+        try:
+            if not follow:
+                # Nothing pending and nothing delivered yet: no event matches at all. (Pending
+                # alone is not enough: a push consumer may already have delivered everything
+                # into our buffer.)
+                info = await sub.consumer_info()
+                delivered = info.delivered.consumer_seq if info.delivered else 0
+                if info.num_pending == 0 and not delivered:
+                    return
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=None if follow else self._timeout)
+                except NatsTimeout as exc:
+                    raise StoreUnavailable(
+                        f"reading {self._stream} stalled for {self._timeout:g}s"
+                    ) from exc
+                meta = msg.metadata
+                position = meta.sequence.stream
+                yield self._decode(position, msg.subject, msg.data)
+                if until is not None and position >= until:
+                    return
+                if not follow and meta.num_pending == 0:
+                    return
+        finally:
+            # Best effort: the ordered consumer is ephemeral and expires on its own.
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _direct_get(self, subject_filter: str, from_position: int) -> AsyncIterator[Msg]:
+        """Batched direct get (server 2.11+): every message on `subject_filter` from a position.
+        One request per 1000 messages and no consumer to create or clean up."""
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
+        try:
+            position = from_position
+            while True:
+                await self._nc.publish(
+                    f"$JS.API.DIRECT.GET.{self._stream}",
+                    orjson.dumps({"seq": position, "next_by_subj": subject_filter, "batch": 1000}),
+                    reply=inbox,
+                )
+                pending = 0
+                while True:
+                    try:
+                        msg = await sub.next_msg(timeout=self._timeout)
+                    except NatsTimeout as exc:
+                        raise StoreUnavailable(
+                            f"reading {subject_filter} did not answer within {self._timeout:g}s"
+                        ) from exc
+                    headers = msg.headers or {}
+                    status = headers.get("Status")
+                    if status == "404":
+                        return
+                    if status == "204":  # end of this batch
+                        break
+                    if status is not None:
+                        raise StoreUnavailable(
+                            f"direct get on {subject_filter} failed: {status} "
+                            f"{headers.get('Description', '')}"
+                        )
+                    pending = int(headers.get("Nats-Num-Pending", "0"))
+                    position = int(headers["Nats-Sequence"]) + 1
+                    yield msg
+                if pending == 0:
+                    return
+        except ConnectionClosedError as exc:
+            raise StoreUnavailable(
+                f"NATS connection closed while reading {subject_filter}"
+            ) from exc
+        finally:
+            await sub.unsubscribe()
+
+    def _decode(self, position: int, subject: str, payload: bytes) -> RecordedEvent:
+        try:
+            envelope = CloudEvent.model_validate_json(payload)
+        except ValidationError as exc:
+            raise InvalidEvent(
+                f"position {position} ({subject}) is not a CloudEvent: {exc}"
+            ) from exc
+        return RecordedEvent(
+            position=position,
+            subject=subject,
+            envelope=envelope,
+            event=self._registry.decode(envelope.type, envelope.data),
+        )
+
+
+def encode_event(
+    ref: AggregateRef, event: DomainEvent, event_id: str, context: EventContext
+) -> bytes:
+    """The structured-mode CloudEvent JSON of `event` (pure; orjson for speed)."""
+    envelope: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": context.source,
+        "type": event.kind.type,
+        "subject": ref.path,
+        "time": utcnow(),
+        "datacontenttype": "application/json",
+        "data": event.model_dump(mode="json"),
+        "workspace": ref.workspace,
+    }
+    if context.traceparent is not None:
+        envelope["traceparent"] = context.traceparent
+    if context.causationid is not None:
+        envelope["causationid"] = context.causationid
+    if context.correlationid is not None:
+        envelope["correlationid"] = context.correlationid
+    if context.actor is not None:
+        envelope["actor"] = context.actor
+    return orjson.dumps(envelope)
+
+
+def _checked_ids(
+    ref: AggregateRef, events: Sequence[DomainEvent], event_ids: Sequence[str] | None
+) -> list[str]:
+    """Validate an append's events and ids (pure); returns the ids to use."""
+    if not events:
+        raise InvalidEvent("append needs at least one event")
+    if len(events) > MAX_BATCH:
+        raise InvalidEvent(f"{len(events)} events in one append; at most {MAX_BATCH}")
+    for event in events:
+        if not isinstance(event, DomainEvent):
+            raise InvalidEvent(f"{type(event).__name__} is not a DomainEvent")
+        if event.kind.aggregate != ref.kind:
+            raise InvalidEvent(f"{event.kind.type} cannot be appended to a {ref.kind}")
+    if event_ids is None:
+        return [uuid7() for _ in events]
+    ids = list(event_ids)
+    if len(ids) != len(events):
+        raise InvalidEvent(f"{len(ids)} event ids for {len(events)} events")
+    for event_id in ids:
+        if (
+            not event_id
+            or len(event_id) > MAX_ID_LENGTH
+            or not event_id.isprintable()
+            or (" " in event_id)
+        ):
+            raise InvalidEvent(
+                f"event id {event_id!r} must be 1-{MAX_ID_LENGTH} printable characters "
+                "without spaces"
+            )
+    if len(set(ids)) != len(ids):
+        raise InvalidEvent("event ids within one append must be distinct")
+    return ids

