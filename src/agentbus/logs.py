@@ -53,5 +53,6 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
-    for noisy in ("uvicorn.access", "alembic.runtime.migration"):
+    # Libraries that narrate routine steps at INFO: agentbus reports those steps itself.
+    for noisy in ("uvicorn.access", "uvicorn.error", "alembic", "pgserver"):
         logging.getLogger(noisy).setLevel(max(_LEVELS[level], logging.WARNING))

@@ -1,0 +1,217 @@
+"""`agentbus up` as a user runs it: a real process with embedded nats-server and Postgres."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from agentbus.events import AggregateRef
+from agentbus.events.catalog import default_registry
+from agentbus.events.session import SessionOpened
+from agentbus.store import NO_EVENTS, EventStore
+
+from .conftest import connect
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def agentbus(*args: str, env: dict[str, str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "agentbus", *args]
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTBUS_")}
+    env["AGENTBUS_LOG_FORMAT"] = "json"
+    return env
+
+
+def processes_using(data_dir: Path) -> list[psutil.Process]:
+    """nats-server / postgres processes whose command line names `data_dir`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(str(data_dir) in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+class Up:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.nats_port = free_port()
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            agentbus(
+                "up",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                str(self.port),
+                "--nats-port",
+                str(self.nats_port),
+            ),
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                _, stderr = self.process.communicate()
+                raise AssertionError(f"agentbus up exited early:\n{stderr}")
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("agentbus up did not become ready within 60 s")
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        _, stderr = self.process.communicate(timeout=30)
+        return self.process.returncode, stderr
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    instance = Up(tmp_path / "data")
+    yield instance
+    if instance.process is not None and instance.process.poll() is None:
+        instance.process.kill()
+        instance.process.wait()
+
+
+async def test_up_serves_keeps_events_across_restarts_and_leaves_no_process(up: Up) -> None:
+    up.start()
+    ready = httpx.get(f"{up.base}/readyz").json()
+    assert ready["status"] == "ready"
+    assert set(ready["checks"]) == {"nats", "stream:EVENTS", "stream:LIVE", "postgres"}
+    assert httpx.get(f"{up.base}/healthz").json() == {"status": "ok"}
+    assert processes_using(up.data_dir), "embedded servers should run under the data dir"
+
+    client = await connect(f"nats://127.0.0.1:{up.nats_port}")
+    ref = AggregateRef("smoke", "session", "s1")
+    try:
+        store = EventStore(client, default_registry())
+        written = await store.append(ref, [SessionOpened(channel="web")], expect=NO_EVENTS)
+    finally:
+        await client.close()
+
+    code, stderr = up.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert "agentbus stopped" in stderr
+    assert processes_using(up.data_dir) == []
+
+    up.start()  # same data dir, same ports
+    client = await connect(f"nats://127.0.0.1:{up.nats_port}")
+    try:
+        history = await EventStore(client, default_registry()).load(ref)
+    finally:
+        await client.close()
+    assert [e.id for e in history.events] == list(written.event_ids)
+
+    code, stderr = up.stop(signal.SIGINT)  # Ctrl-C
+    assert code == 0, stderr
+    assert processes_using(up.data_dir) == []
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        agentbus(*args), env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_busy_http_port_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("up", "--data-dir", str(tmp_path / "d"), "--port", str(port))
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr)
+    assert f"127.0.0.1:{port} is busy" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_busy_nats_port_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        nats_port = busy.getsockname()[1]
+        result = run_cli(
+            "up", "--data-dir", str(tmp_path / "d"),
+            "--port", str(free_port()), "--nats-port", str(nats_port),
+        )  # fmt: skip
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr)
+    assert f"NATS port 127.0.0.1:{nats_port} is busy" in line
+    assert processes_using(tmp_path / "d") == []
+
+
+def test_unusable_data_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    result = run_cli("up", "--data-dir", str(not_a_dir), "--port", str(free_port()))
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr)
+    assert "is not a directory" in line
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        # root ignores permissions; a path under a regular file is unusable for anyone
+        target = not_a_dir / "sub" if os.geteuid() == 0 else read_only / "sub"
+        result = run_cli("up", "--data-dir", str(target), "--port", str(free_port()))
+    finally:
+        read_only.chmod(0o700)
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr)
+    assert "is not usable" in line or "not a directory" in line
+
+
+def test_second_up_on_the_same_data_dir_is_refused(up: Up) -> None:
+    up.start()
+    result = run_cli(
+        "up", "--data-dir", str(up.data_dir),
+        "--port", str(free_port()), "--nats-port", str(free_port()),
+    )  # fmt: skip
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr)
+    assert "in use by another agentbus" in line
+    code, _ = up.stop()
+    assert code == 0
