@@ -95,3 +95,18 @@ async def streams_ready(nats_server: EmbeddedNats) -> None:
 @pytest.fixture
 async def store(nc: NATS, streams_ready: None) -> EventStore:
     return EventStore(nc, default_registry(), timeout=5.0)
+
+
+@pytest.fixture
+async def private_store(tmp_path: Path) -> AsyncIterator[EventStore]:
+    """An event store on a nats-server of its own: for tests that write events other tests
+    must not read (poison payloads), or that must not read other tests' events."""
+    server = EmbeddedNats(tmp_path / "private-nats", port=0)
+    server.start()
+    client = await connect(server.url)
+    try:
+        await apply_project_streams(client)
+        yield EventStore(client, default_registry(), timeout=5.0)
+    finally:
+        await client.close()
+        server.stop()

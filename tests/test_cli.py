@@ -85,7 +85,7 @@ async def test_db_upgrade_against_an_external_database(database_url: str) -> Non
     assert "up to date" in second.stdout
     conn = await asyncpg.connect(database_url)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM projection_checkpoints") == 0
+        assert await conn.fetchval("SELECT count(*) FROM projection_generations") == 0
     finally:
         await conn.close()
 
@@ -134,10 +134,12 @@ async def test_serve_gateway_against_external_servers(tmp_path: Path, database_u
         assert cli("db", "upgrade", env=env).returncode == 0
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTBUS_")}
         process = subprocess.Popen(
-            [sys.executable, "-m", "agentbus", "serve", "--role", "gateway",
-             "--port", str(port)],
-            env={**full_env, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [sys.executable, "-m", "agentbus", "serve", "--role", "gateway", "--port", str(port)],
+            env={**full_env, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 30
         status = None
         while time.monotonic() < deadline and process.poll() is None:

@@ -25,4 +25,4 @@ async def test_upgrade_creates_the_runtime_tables_and_is_idempotent(database_url
         }
     finally:
         await conn.close()
-    assert {"projection_checkpoints", "dead_letters", "alembic_version"} <= tables
+    assert {"projection_generations", "dead_letters", "alembic_version"} <= tables

@@ -145,9 +145,15 @@ async def test_up_serves_keeps_events_across_restarts_and_leaves_no_process(up: 
     assert processes_using(up.data_dir) == []
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        agentbus(*args), env=clean_env(), capture_output=True, text=True, timeout=timeout
+        agentbus(*args),
+        env={**clean_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -173,9 +179,14 @@ def test_busy_nats_port_is_a_one_line_error(tmp_path: Path) -> None:
         busy.listen()
         nats_port = busy.getsockname()[1]
         result = run_cli(
-            "up", "--data-dir", str(tmp_path / "d"),
-            "--port", str(free_port()), "--nats-port", str(nats_port),
-        )  # fmt: skip
+            "up",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--port",
+            str(free_port()),
+            "--nats-port",
+            str(nats_port),
+        )
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert f"NATS port 127.0.0.1:{nats_port} is busy" in line
@@ -204,12 +215,55 @@ def test_unusable_data_dir_is_a_one_line_error(tmp_path: Path) -> None:
     assert "is not usable" in line or "not a directory" in line
 
 
+async def test_projection_commands_against_a_running_up(up: Up) -> None:
+    up.start()
+    client = await connect(f"nats://127.0.0.1:{up.nats_port}")
+    try:
+        store = EventStore(client, default_registry())
+        for n in range(5):
+            await store.append(
+                AggregateRef("ops", "session", f"s{n}"),
+                [SessionOpened(channel="web")],
+                expect=NO_EVENTS,
+            )
+    finally:
+        await client.close()
+    env = {"AGENTBUS_NATS_PORT": str(up.nats_port)}
+    deadline = time.monotonic() + 20
+    while True:
+        status = run_cli("projections", "status", "--data-dir", str(up.data_dir), env=env)
+        assert status.returncode == 0, status.stderr
+        if "running" in status.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert "sessions" in status.stdout
+    assert "running" in status.stdout
+
+    metrics = httpx.get(f"{up.base}/metrics").text
+    assert 'agentbus_projection_position{projection="sessions",generation="1"' in metrics
+    assert 'state="running"} 1' in metrics
+
+    rebuild = run_cli("projections", "rebuild", "sessions", "--data-dir", str(up.data_dir), env=env)
+    assert rebuild.returncode == 0, rebuild.stderr
+    assert "generation 2 is live" in rebuild.stdout
+    listed = run_cli("projections", "dlq", "list", "--data-dir", str(up.data_dir), env=env)
+    assert "no dead letters" in listed.stdout
+    code, _ = up.stop()
+    assert code == 0
+    assert processes_using(up.data_dir) == []
+
+
 def test_second_up_on_the_same_data_dir_is_refused(up: Up) -> None:
     up.start()
     result = run_cli(
-        "up", "--data-dir", str(up.data_dir),
-        "--port", str(free_port()), "--nats-port", str(free_port()),
-    )  # fmt: skip
+        "up",
+        "--data-dir",
+        str(up.data_dir),
+        "--port",
+        str(free_port()),
+        "--nats-port",
+        str(free_port()),
+    )
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert "in use by another agentbus" in line

@@ -1,4 +1,4 @@
-"""Projection runtime: checkpoints and dead letters shared by every read model.
+"""Projection runtime: generations, checkpoints and dead letters shared by every read model.
 
 Revision ID: 0001
 Revises:
@@ -18,18 +18,31 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # One row per projection version: the last stream position whose effects are committed.
-    # Written in the same transaction as the projection's rows (exactly-once effects).
+    # One row per generation of a projection. A generation owns its physical tables
+    # (`<table>_g<generation>`); the stable view `<table>` points at the live generation.
+    # `position` is the checkpoint: the last stream position whose effects are committed, written
+    # in the same transaction as the rows (exactly-once effects).
     op.execute(
         """
-        CREATE TABLE projection_checkpoints (
-            projection  text        NOT NULL,
-            version     integer     NOT NULL,
-            position    bigint      NOT NULL DEFAULT 0 CHECK (position >= 0),
-            updated_at  timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (projection, version)
+        CREATE TABLE projection_generations (
+            projection      text        NOT NULL,
+            generation      integer     NOT NULL CHECK (generation >= 1),
+            version         integer     NOT NULL,
+            status          text        NOT NULL
+                            CHECK (status IN ('live', 'building', 'retired')),
+            position        bigint      NOT NULL DEFAULT 0 CHECK (position >= 0),
+            last_event_time timestamptz,
+            halted          text,
+            created_at      timestamptz NOT NULL DEFAULT now(),
+            updated_at      timestamptz NOT NULL DEFAULT now(),
+            swapped_at      timestamptz,
+            PRIMARY KEY (projection, generation)
         )
         """
+    )
+    op.execute(
+        "CREATE UNIQUE INDEX projection_one_live ON projection_generations (projection) "
+        "WHERE status = 'live'"
     )
     # Events a projection could not apply: kept with the error, never skipped silently.
     op.execute(
@@ -37,15 +50,15 @@ def upgrade() -> None:
         CREATE TABLE dead_letters (
             id          bigserial   PRIMARY KEY,
             projection  text        NOT NULL,
-            version     integer     NOT NULL,
+            generation  integer     NOT NULL,
             position    bigint      NOT NULL,
             subject     text        NOT NULL,
             event_type  text        NOT NULL,
             error       text        NOT NULL,
             payload     bytea       NOT NULL,
             failed_at   timestamptz NOT NULL DEFAULT now(),
-            retried_at  timestamptz,
-            UNIQUE (projection, version, position)
+            resolved_at timestamptz,
+            UNIQUE (projection, generation, position)
         )
         """
     )
@@ -53,4 +66,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP TABLE dead_letters")
-    op.execute("DROP TABLE projection_checkpoints")
+    op.execute("DROP TABLE projection_generations")

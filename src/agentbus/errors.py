@@ -45,3 +45,16 @@ class StreamConfigError(AgentbusError):
 
 class EmbeddedServerError(AgentbusError):
     """An embedded server (nats-server, Postgres) could not be started or reached."""
+
+
+class ProjectionTimeout(AgentbusError):
+    """A query asked for a position its projection did not reach in time (read-your-writes)."""
+
+    def __init__(self, projection: str, wanted: int, reached: int, timeout: float) -> None:
+        self.projection = projection
+        self.wanted = wanted
+        self.reached = reached
+        super().__init__(
+            f"projection {projection!r} reached position {reached}, not {wanted}, "
+            f"within {timeout:g}s; retry later"
+        )

@@ -7,7 +7,7 @@ import contextlib
 import fcntl
 import os
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -32,12 +32,19 @@ app = typer.Typer(
 streams_app = typer.Typer(help="JetStream stream definitions (streams/).", no_args_is_help=True)
 db_app = typer.Typer(help="Postgres read-model database.", no_args_is_help=True)
 schemas_app = typer.Typer(help="JSON Schemas and AsyncAPI of the events.", no_args_is_help=True)
+projections_app = typer.Typer(
+    help="Read models: status, blue-green rebuild, dead letters.", no_args_is_help=True
+)
+dlq_app = typer.Typer(help="Events a projection could not apply.", no_args_is_help=True)
+projections_app.add_typer(dlq_app, name="dlq")
+app.add_typer(projections_app, name="projections")
 app.add_typer(streams_app, name="streams")
 app.add_typer(db_app, name="db")
 app.add_typer(schemas_app, name="schemas")
 
-out = Console()
-err = Console(stderr=True)
+# Piped output (scripts, CI) gets wide lines instead of rich's 80-column truncation.
+out = Console() if Console().is_terminal else Console(width=200)
+err = Console(stderr=True) if Console(stderr=True).is_terminal else Console(stderr=True, width=200)
 
 DataDirOption = Annotated[
     Path | None,
@@ -345,6 +352,249 @@ def _locked_by_other(data_dir: Path) -> bool:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
     return False
+
+
+# --------------------------------------------------------------------------- projections
+
+
+@contextlib.asynccontextmanager
+async def _connected(settings: Settings) -> AsyncIterator[Any]:
+    """NATS + Postgres for an operator command: the external URLs, or the embedded servers of
+    a running `agentbus up` (its NATS port and its data dir's Postgres)."""
+    from agentbus.runtime.embedded import EmbeddedPostgres, ensure_data_dir
+    from agentbus.runtime.platform import Platform
+
+    postgres: EmbeddedPostgres | None = None
+    database_url = settings.database_url
+    if database_url is None:
+        postgres = EmbeddedPostgres(ensure_data_dir(settings.data_dir) / "pg")
+        database_url = await asyncio.to_thread(postgres.start)
+    try:
+        platform = await Platform.connect(settings, _nats_url(settings), database_url)
+        try:
+            yield platform
+        finally:
+            await platform.close()
+    finally:
+        if postgres is not None and not _locked_by_other(settings.data_dir):
+            await asyncio.to_thread(postgres.stop)
+
+
+@projections_app.command("status")
+def projections_status(data_dir: DataDirOption = None) -> None:
+    """Per projection: version, checkpoint, stream position, lag, state, dead letters."""
+    settings = _settings(data_dir=data_dir)
+    configure_logging(settings.log_format, settings.log_level)
+    _run(_projections_status(settings))
+
+
+async def _projections_status(settings: Settings) -> None:
+    from agentbus.projections.health import projection_health
+
+    async with _connected(settings) as platform:
+        health = await projection_health(platform.engine, platform.store)
+    table = Table(title="projections")
+    for column in (
+        "projection",
+        "gen",
+        "version",
+        "status",
+        "checkpoint",
+        "stream",
+        "lag",
+        "lag s",
+        "state",
+        "dead letters",
+    ):
+        table.add_column(
+            column, justify="right" if column not in ("projection", "status", "state") else "left"
+        )
+    colours = {
+        "running": "green",
+        "catching up": "yellow",
+        "rebuilding": "cyan",
+        "stalled": "red",
+        "failed": "bold red",
+    }
+    for h in health:
+        table.add_row(
+            h.projection,
+            str(h.generation),
+            str(h.version),
+            h.status,
+            str(h.position),
+            str(h.stream_position),
+            str(h.lag_events),
+            f"{h.lag_seconds:.1f}",
+            f"[{colours[h.state]}]{h.state}[/]",
+            str(h.dead_letters),
+        )
+    out.print(table)
+    for h in health:
+        if h.halted:
+            out.print(f"[bold red]{h.projection} halted:[/] {h.halted}", highlight=False)
+    if not health:
+        out.print(
+            "no projection has run yet: start `agentbus up` or `agentbus serve --role projector`"
+        )
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    name: Annotated[str, typer.Argument(help="Projection to rebuild, e.g. sessions.")],
+    data_dir: DataDirOption = None,
+) -> None:
+    """Rebuild NAME blue-green: a new generation is built from position 0 into new tables
+    while the live one keeps serving; the views swap atomically once it has caught up."""
+    settings = _settings(data_dir=data_dir)
+    configure_logging(settings.log_format, settings.log_level)
+    _run(_projections_rebuild(settings, name))
+
+
+async def _projections_rebuild(settings: Settings, name: str) -> None:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from agentbus.projections.catalog import projection_named
+    from agentbus.projections.generations import list_generations, start_rebuild
+    from agentbus.projections.runtime import Progress as Step
+    from agentbus.projections.runtime import ProjectionWorker
+
+    try:
+        projection = projection_named(name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    async with _connected(settings) as platform:
+        generation = await start_rebuild(platform.engine, projection)
+        out.print(
+            f"rebuilding {name} as generation {generation.generation} "
+            f"(version {generation.version})"
+        )
+        stop = asyncio.Event()
+        started = asyncio.get_running_loop().time()
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>9} ev/s"),
+            TimeRemainingColumn(),
+            console=err,
+        ) as bar:
+            task = bar.add_task(name, total=max(1, await platform.store.last_position()), rate="-")
+
+            def show(step: Step) -> None:
+                elapsed = asyncio.get_running_loop().time() - started
+                bar.update(
+                    task,
+                    completed=step.position,
+                    rate=f"{step.applied / elapsed:,.0f}" if elapsed > 0 else "-",
+                )
+
+            worker = ProjectionWorker(
+                projection, generation.generation, platform.store, platform.engine, on_progress=show
+            )
+            runner = asyncio.create_task(worker.run(stop))
+            try:
+                while True:
+                    async with platform.engine.connect() as connection:
+                        current = {
+                            g.generation: g
+                            for g in await list_generations(connection, name, include_retired=True)
+                        }
+                    mine = current.get(generation.generation)
+                    if mine is None or mine.status != "building":
+                        break
+                    # Another process may hold the lock and do the work: follow its checkpoint.
+                    bar.update(
+                        task,
+                        completed=mine.position,
+                        total=max(1, await platform.store.last_position()),
+                    )
+                    if runner.done():
+                        runner.result()
+                        break
+                    await asyncio.sleep(0.5)
+            finally:
+                stop.set()
+                await runner
+        final = mine.status if mine is not None else "gone"
+        if final != "live":
+            raise EmbeddedServerError(f"generation {generation.generation} ended as {final}")
+        out.print(
+            f"{name}: generation {generation.generation} is live "
+            f"(position {mine.position if mine else '?'})"
+        )
+
+
+@dlq_app.command("list")
+def dlq_list(
+    name: Annotated[str | None, typer.Argument(help="Only this projection.")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Unresolved dead letters: position, type, error."""
+    settings = _settings(data_dir=data_dir)
+    configure_logging(settings.log_format, settings.log_level)
+    _run(_dlq_list(settings, name))
+
+
+async def _dlq_list(settings: Settings, name: str | None) -> None:
+    from agentbus.projections.deadletters import list_dead_letters
+
+    async with _connected(settings) as platform:
+        letters = await list_dead_letters(platform.engine, name)
+    if not letters:
+        out.print("no dead letters")
+        return
+    table = Table(title="dead letters")
+    for column in ("id", "projection", "gen", "position", "type", "error", "failed at"):
+        table.add_column(column)
+    for letter in letters:
+        table.add_row(
+            str(letter.id),
+            letter.projection,
+            str(letter.generation),
+            str(letter.position),
+            letter.event_type,
+            letter.error,
+            letter.failed_at.isoformat(timespec="seconds"),
+        )
+    out.print(table)
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    name: Annotated[str, typer.Argument(help="Projection whose dead letters to retry.")],
+    data_dir: DataDirOption = None,
+) -> None:
+    """Apply NAME's dead letters again (a halted projection resumes and retries in order)."""
+    settings = _settings(data_dir=data_dir)
+    configure_logging(settings.log_format, settings.log_level)
+    _run(_dlq_retry(settings, name))
+
+
+async def _dlq_retry(settings: Settings, name: str) -> None:
+    from agentbus.projections.catalog import projection_named
+    from agentbus.projections.deadletters import retry_dead_letters
+
+    try:
+        projection = projection_named(name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    async with _connected(settings) as platform:
+        result = await retry_dead_letters(platform.engine, platform.store, projection)
+    if result.unhalted:
+        out.print(f"{name} was halted: released; it retries the failed event in order now")
+        return
+    out.print(f"resolved {len(result.resolved)}, still failing {len(result.failed)}")
+    for letter_id, error in result.failed.items():
+        out.print(f"  {letter_id}: {error}", highlight=False)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------- schemas

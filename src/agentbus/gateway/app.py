@@ -7,11 +7,12 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
 from agentbus import __version__
 from agentbus.gateway.problems import PROBLEM_JSON, install_problem_handlers
+from agentbus.projections.health import projection_health, prometheus_text
 from agentbus.runtime.platform import Platform
 
 REQUIRED_STREAMS = ("EVENTS", "LIVE")
@@ -52,6 +53,18 @@ def create_app(platform: Platform) -> FastAPI:
             },
             status_code=503,
             media_type=PROBLEM_JSON,
+        )
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics: projection checkpoints, lag, state, dead letters",
+        response_class=PlainTextResponse,
+    )
+    async def metrics() -> PlainTextResponse:
+        health = await projection_health(platform.engine, platform.store)
+        return PlainTextResponse(
+            prometheus_text(health), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
     return app

@@ -11,6 +11,7 @@ from agentbus.errors import (
     AgentbusError,
     ConcurrencyConflict,
     InvalidEvent,
+    ProjectionTimeout,
     StoreUnavailable,
 )
 
@@ -20,6 +21,7 @@ _STATUS: list[tuple[type[AgentbusError], int, str]] = [
     (InvalidEvent, 422, "invalid-event"),
     (ConcurrencyConflict, 409, "concurrency-conflict"),
     (StoreUnavailable, 503, "store-unavailable"),
+    (ProjectionTimeout, 504, "projection-timeout"),
 ]
 
 

@@ -11,6 +11,8 @@ import structlog
 import uvicorn
 
 from agentbus.gateway.app import create_app
+from agentbus.projections.catalog import all_projections
+from agentbus.projections.runtime import Projector
 from agentbus.runtime.platform import Platform
 
 Role = Literal["gateway", "projector", "worker"]
@@ -52,7 +54,8 @@ async def run_roles(
         server = _HttpServer(config)
         tasks.append(asyncio.create_task(server.serve(), name="gateway"))
     if "projector" in roles:
-        log.info("projector role: no projections are registered in this build yet")
+        projector = Projector(all_projections(), platform.store, platform.engine)
+        tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
     if "worker" in roles:
         log.info("worker role: no workers are registered in this build yet")
 
@@ -62,6 +65,7 @@ async def run_roles(
                 await tasks[0]  # re-raises a failed start (e.g. busy port)
                 raise RuntimeError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.02)
+    # (The projector works in the background; it is ready when its first scan has run.)
     if on_ready is not None:
         on_ready()
 

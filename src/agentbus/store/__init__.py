@@ -7,6 +7,7 @@ from agentbus.store.eventstore import (
     AppendResult,
     EventStore,
     Expect,
+    RawEvent,
     RecordedEvent,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "AppendResult",
     "EventStore",
     "Expect",
+    "RawEvent",
     "RecordedEvent",
 ]

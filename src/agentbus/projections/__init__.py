@@ -1,0 +1,2 @@
+"""Projections: the one runtime that turns EVENTS into Postgres read models, and the read
+models themselves (one module each)."""

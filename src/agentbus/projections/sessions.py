@@ -1,0 +1,140 @@
+"""Read models `sessions` and `messages`: how session events become rows.
+
+One projection owns both tables, so one pass over the stream feeds both (a session's message
+count and its messages come from the same events).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import ClassVar
+
+from agentbus.events.registry import DomainEvent
+from agentbus.events.session import MessageReceived, MessageSent, SessionClosed, SessionOpened
+from agentbus.projections.projection import Handler, Projection, Statement, Write
+from agentbus.store.eventstore import RecordedEvent
+
+INSERT_SESSION = Statement(
+    "insert_session",
+    """INSERT INTO {sessions} (workspace, id, channel, title, agent, status, created_at,
+                               message_count, position)
+       VALUES ($1, $2, $3, $4, $5, 'open', $6, 0, $7)
+       ON CONFLICT (workspace, id) DO NOTHING""",
+)
+INSERT_MESSAGE = Statement(
+    "insert_message",
+    """INSERT INTO {messages} (workspace, session_id, position, message_id, direction, author,
+                               text, created_at, external_id, run_id)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+       ON CONFLICT (workspace, position) DO NOTHING""",
+)
+COUNT_MESSAGE = Statement(
+    "count_message",
+    """UPDATE {sessions}
+          SET message_count = message_count + 1,
+              last_message_at = GREATEST(last_message_at, $3),
+              position = GREATEST(position, $4)
+        WHERE workspace = $1 AND id = $2""",
+)
+CLOSE_SESSION = Statement(
+    "close_session",
+    """UPDATE {sessions}
+          SET status = 'closed', closed_at = $3, close_reason = $4,
+              position = GREATEST(position, $5)
+        WHERE workspace = $1 AND id = $2""",
+)
+
+
+class SessionsProjection(Projection):
+    name: ClassVar[str] = "sessions"
+    version: ClassVar[int] = 1
+    tables: ClassVar[tuple[str, ...]] = ("sessions", "messages")
+    schema: ClassVar[tuple[str, ...]] = (
+        """CREATE TABLE {sessions} (
+               workspace       text        NOT NULL,
+               id              text        NOT NULL,
+               channel         text        NOT NULL,
+               title           text,
+               agent           text,
+               status          text        NOT NULL,
+               created_at      timestamptz NOT NULL,
+               closed_at       timestamptz,
+               close_reason    text,
+               last_message_at timestamptz,
+               message_count   integer     NOT NULL,
+               position        bigint      NOT NULL,
+               PRIMARY KEY (workspace, id))""",
+        "CREATE INDEX ON {sessions} (workspace, created_at DESC, id)",
+        """CREATE TABLE {messages} (
+               workspace   text        NOT NULL,
+               session_id  text        NOT NULL,
+               position    bigint      NOT NULL,
+               message_id  text        NOT NULL,
+               direction   text        NOT NULL CHECK (direction IN ('in', 'out')),
+               author      text        NOT NULL,
+               text        text        NOT NULL,
+               created_at  timestamptz NOT NULL,
+               external_id text,
+               run_id      text,
+               PRIMARY KEY (workspace, position))""",
+        "CREATE INDEX ON {messages} (workspace, session_id, position)",
+    )
+    # Inserts first, then the updates that need the rows: see projection.py for the rule.
+    statements: ClassVar[tuple[Statement, ...]] = (
+        INSERT_SESSION,
+        INSERT_MESSAGE,
+        COUNT_MESSAGE,
+        CLOSE_SESSION,
+    )
+
+    def handlers(self) -> Mapping[type[DomainEvent], Handler]:
+        return {
+            SessionOpened: self.opened,
+            SessionClosed: self.closed,
+            MessageReceived: self.message,
+            MessageSent: self.message,
+        }
+
+    @staticmethod
+    def opened(recorded: RecordedEvent) -> Iterator[Write]:
+        event = recorded.event
+        assert isinstance(event, SessionOpened)
+        ref = recorded.ref
+        yield INSERT_SESSION.row(
+            ref.workspace,
+            ref.id,
+            event.channel,
+            event.title,
+            event.agent,
+            recorded.time,
+            recorded.position,
+        )
+
+    @staticmethod
+    def closed(recorded: RecordedEvent) -> Iterator[Write]:
+        event = recorded.event
+        assert isinstance(event, SessionClosed)
+        ref = recorded.ref
+        yield CLOSE_SESSION.row(
+            ref.workspace, ref.id, recorded.time, event.reason, recorded.position
+        )
+
+    @staticmethod
+    def message(recorded: RecordedEvent) -> Iterator[Write]:
+        event = recorded.event
+        assert isinstance(event, MessageReceived | MessageSent)
+        ref = recorded.ref
+        inbound = isinstance(event, MessageReceived)
+        yield INSERT_MESSAGE.row(
+            ref.workspace,
+            ref.id,
+            recorded.position,
+            event.message_id,
+            "in" if inbound else "out",
+            event.author,
+            event.text,
+            recorded.time,
+            event.external_id if isinstance(event, MessageReceived) else None,
+            event.run_id if isinstance(event, MessageSent) else None,
+        )
+        yield COUNT_MESSAGE.row(ref.workspace, ref.id, recorded.time, recorded.position)
