@@ -44,6 +44,8 @@ class Figure:
     """The ratio value/ceiling this figure should reach, if one is declared."""
     samples: tuple[float, ...] = field(default=())
     """Every round's value; `value` is their median."""
+    cpu_us_per_op: float | None = None
+    """CPU time of the benchmark process per operation (median): where the client side stands."""
 
     @property
     def ratio(self) -> float | None:

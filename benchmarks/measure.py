@@ -71,7 +71,7 @@ class Contender:
     workers: Workers
 
 
-async def rounds(
+async def measure_rounds(
     contenders: Sequence[Contender],
     *,
     rounds: int,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
@@ -89,15 +88,14 @@ EventContext.DEFAULT = EventContext()
 
 
 def uuid7(now_ns: int | None = None) -> str:
-    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness. Sorts by time."""
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then 74 random bits. Sorts by time.
+
+    Formatted directly from hex (no `uuid.UUID` object): this is on every append's path."""
     ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76  # version
-    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a (12 bits)
-    value |= 0b10 << 62  # variant
-    value |= rand & ((1 << 62) - 1)  # rand_b (62 bits)
-    return str(uuid.UUID(int=value))
+    rand = os.urandom(10).hex()
+    stamp = f"{ms & 0xFFFFFFFFFFFF:012x}"
+    variant = "89ab"[int(rand[3], 16) & 3]  # the two variant bits are 10
+    return f"{stamp[:8]}-{stamp[8:]}-7{rand[:3]}-{variant}{rand[4:7]}-{rand[7:19]}"
 
 
 def utcnow() -> datetime:
