@@ -57,6 +57,34 @@ EXAMPLE_DATA: dict[str, dict[str, Any]] = {
         "text": "hi, how can I help?",
         "run_id": "r1",
     },
+    "agentbus.run.queued.v1": {
+        "agent": "echo",
+        "executor": "echo",
+        "input": "hello",
+        "session_id": "s1",
+        "trigger_message_id": "m1",
+        "max_attempts": 3,
+        "deadline_at": "2026-01-01T00:05:00Z",
+    },
+    "agentbus.run.started.v1": {"attempt": 1, "worker": "host:42:abc"},
+    "agentbus.run.waiting_approval.v1": {"approval_id": "a1", "tool": "shell", "reason": "rm"},
+    "agentbus.run.resumed.v1": {"approval_id": "a1", "decision": "granted"},
+    "agentbus.run.succeeded.v1": {"attempt": 1, "output": "echo: hello"},
+    "agentbus.run.failed.v1": {
+        "attempt": 2,
+        "error_class": "http_status",
+        "message": "HTTP 400",
+        "retryable": False,
+    },
+    "agentbus.run.retry_scheduled.v1": {
+        "attempt": 2,
+        "at": "2026-01-01T00:00:01Z",
+        "error_class": "network",
+        "message": "connection refused",
+    },
+    "agentbus.run.cancelled.v1": {"by": "ada", "reason": "changed my mind"},
+    "agentbus.run.timed_out.v1": {"attempt": 1},
+    "agentbus.run.usage_recorded.v1": {"model": "gpt", "tokens_in": 10, "tokens_out": 20},
 }
 
 

@@ -253,6 +253,39 @@ async def test_projection_commands_against_a_running_up(up: Up) -> None:
     assert processes_using(up.data_dir) == []
 
 
+async def test_chat_with_the_echo_agent_under_up(up: Up) -> None:
+    """The issue's "done when": a chat message to a session with the echo agent produces a
+    streamed reply and a stored outbound message under `agentbus up`."""
+    up.start()
+    env = {"AGENTBUS_NATS_PORT": str(up.nats_port)}
+    result = run_cli("chat", "hello agent world", "--session", "e2e", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "echo: hello agent world" in result.stdout
+    assert "stored in session demo/e2e" in result.stdout
+
+    client = await connect(f"nats://127.0.0.1:{up.nats_port}")
+    try:
+        store = EventStore(client, default_registry())
+        events = (await store.load(AggregateRef("demo", "session", "e2e"))).events
+        live = [e async for e in store.read(subjects=["evt.demo.run.>"])]
+    finally:
+        await client.close()
+    assert [e.event.kind.name for e in events] == ["opened", "message_received", "message_sent"]
+    assert events[-1].event.text == "echo: hello agent world"  # type: ignore[attr-defined]
+    assert [e.event.kind.name for e in live] == ["queued", "started", "usage_recorded", "succeeded"]
+    # the projections caught up: the run and both messages are in the read models
+    deadline = time.monotonic() + 20
+    while True:
+        status = run_cli("projections", "status", "--data-dir", str(up.data_dir), env=env)
+        lines = [line for line in status.stdout.splitlines() if "running" in line]
+        if len(lines) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert len(lines) == 2, status.stdout
+    code, _ = up.stop()
+    assert code == 0
+
+
 def test_second_up_on_the_same_data_dir_is_refused(up: Up) -> None:
     up.start()
     result = run_cli(

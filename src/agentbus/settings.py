@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AgentConfig(BaseModel):
+    """An agent: which executor runs it, with which options (model, URL, command, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    executor: Literal["echo", "openai", "http", "command"]
+    options: dict[str, Any] = Field(default_factory=dict)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    timeout: float = Field(default=300.0, gt=0, description="Seconds before a run times out.")
 
 
 class Settings(BaseSettings):
@@ -43,6 +54,16 @@ class Settings(BaseSettings):
     )
     connect_timeout: float = Field(
         default=5.0, gt=0, description="Seconds to wait for NATS / Postgres at start."
+    )
+
+    agents: dict[str, AgentConfig] = Field(
+        default_factory=lambda: {"echo": AgentConfig(executor="echo")},
+        description='Agents by name, as JSON: {"helper": {"executor": "openai", "options": '
+        '{"base_url": "...", "model": "..."}}}',
+    )
+    worker_concurrency: int = Field(default=16, ge=1, le=1000, description="Runs per worker.")
+    run_lease: float = Field(
+        default=30.0, gt=0, description="Seconds a worker holds a run without renewing."
     )
 
     @field_validator("nats_url", "database_url", mode="before")

@@ -132,6 +132,74 @@ def serve(
     _run(_serve(settings, settings.nats_url, settings.database_url, roles))
 
 
+@app.command()
+def chat(
+    message: Annotated[
+        str | None, typer.Argument(help="What to say; without it, read lines interactively.")
+    ] = None,
+    session: Annotated[str, typer.Option(help="Session id (created if new).")] = "terminal",
+    workspace: Annotated[str, typer.Option(help="Workspace.")] = "demo",
+    agent: Annotated[str, typer.Option(help="Agent of a new session.")] = "echo",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a reply.")] = 60.0,
+) -> None:
+    """Talk to an agent through the real pipeline: the message becomes an event, a worker runs
+    the agent, its reply streams live and is stored in the session. Needs `agentbus up` (or
+    AGENTBUS_NATS_URL pointing at a running deployment)."""
+    settings = _settings()
+    configure_logging(settings.log_format, "warning")
+    _run(_chat(settings, message, session, workspace, agent, timeout))
+
+
+async def _chat(
+    settings: Settings,
+    message: str | None,
+    session_id: str,
+    workspace: str,
+    agent: str,
+    timeout: float,
+) -> None:
+    from agentbus.cli.chat import say
+    from agentbus.events.catalog import default_registry
+    from agentbus.events.subjects import AggregateRef
+    from agentbus.store.connection import connect_nats
+    from agentbus.store.eventstore import EventStore
+
+    session = AggregateRef(workspace, "session", session_id)
+    nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
+    store = EventStore(nc, default_registry(), timeout=settings.store_timeout)
+    try:
+        lines = [message] if message is not None else None
+        while True:
+            if lines is None:
+                try:
+                    text = await asyncio.to_thread(input, "you> ")
+                except EOFError:
+                    break
+            elif lines:
+                text = lines.pop()
+            else:
+                break
+            if not text.strip():
+                continue
+            out.print(f"[bold]{agent}>[/] ", end="")
+            reply = await say(
+                nc,
+                store,
+                session,
+                text,
+                agent=agent,
+                timeout=timeout,
+                on_delta=lambda piece: out.print(piece, end="", markup=False, highlight=False),
+            )
+            out.print()
+            out.print(
+                f"[dim](run {reply.run_id}, stored in session {workspace}/{session_id})[/]",
+                highlight=False,
+            )
+    finally:
+        await nc.close()
+
+
 # --------------------------------------------------------------------------- up / serve
 
 

@@ -6,6 +6,18 @@ Add a new event model here; add an `Upcaster` here when a type gets a new versio
 from __future__ import annotations
 
 from agentbus.events.registry import DomainEvent, EventRegistry, Upcaster
+from agentbus.events.run import (
+    RunCancelled,
+    RunFailed,
+    RunQueued,
+    RunResumed,
+    RunRetryScheduled,
+    RunStarted,
+    RunSucceeded,
+    RunTimedOut,
+    RunUsageRecorded,
+    RunWaitingApproval,
+)
 from agentbus.events.session import MessageReceived, MessageSent, SessionClosed, SessionOpened
 from agentbus.events.workspace import WorkspaceCreated
 
@@ -15,6 +27,16 @@ EVENT_MODELS: tuple[type[DomainEvent], ...] = (
     SessionClosed,
     MessageReceived,
     MessageSent,
+    RunQueued,
+    RunStarted,
+    RunWaitingApproval,
+    RunResumed,
+    RunSucceeded,
+    RunFailed,
+    RunRetryScheduled,
+    RunCancelled,
+    RunTimedOut,
+    RunUsageRecorded,
 )
 
 UPCASTERS: tuple[Upcaster, ...] = ()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from agentbus.projections.projection import Projection
+from agentbus.projections.runs import RunsProjection
 from agentbus.projections.sessions import SessionsProjection
 
 
 def all_projections() -> list[Projection]:
-    return [SessionsProjection()]
+    return [SessionsProjection(), RunsProjection()]
 
 
 def projection_named(name: str, projections: list[Projection] | None = None) -> Projection:

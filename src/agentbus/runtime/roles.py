@@ -14,6 +14,8 @@ from agentbus.gateway.app import create_app
 from agentbus.projections.catalog import all_projections
 from agentbus.projections.runtime import Projector
 from agentbus.runtime.platform import Platform
+from agentbus.workers.autoreply import AutoReply
+from agentbus.workers.runs import RunWorker
 
 Role = Literal["gateway", "projector", "worker"]
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -57,7 +59,17 @@ async def run_roles(
         projector = Projector(all_projections(), platform.store, platform.engine)
         tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
     if "worker" in roles:
-        log.info("worker role: no workers are registered in this build yet")
+        settings = platform.settings
+        worker = RunWorker(
+            platform.store,
+            platform.nc,
+            settings.agents,
+            concurrency=settings.worker_concurrency,
+            lease=settings.run_lease,
+        )
+        reactor = AutoReply(platform.store, platform.nc, settings.agents)
+        tasks.append(asyncio.create_task(worker.run(stop), name="worker"))
+        tasks.append(asyncio.create_task(reactor.run(stop), name="auto-reply"))
 
     if server is not None:
         while not server.started:

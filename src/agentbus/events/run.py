@@ -1,0 +1,101 @@
+"""Events of the run aggregate: one turn of an agent, from queued to its end."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from agentbus.events.registry import DomainEvent, EventKind
+
+ErrorClass = Literal[
+    "timeout", "network", "http_status", "executor", "protocol", "budget_exhausted", "lease_lost"
+]
+_ID = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class RunQueued(DomainEvent):
+    """A run was requested: by an inbound chat message (auto-reply) or through the API."""
+
+    kind: ClassVar[EventKind] = EventKind("run", "queued", 1)
+
+    agent: str = Field(min_length=1, max_length=64)
+    executor: str = Field(min_length=1, max_length=64)
+    input: str = Field(max_length=32_000)
+    session_id: str | None = Field(default=None, max_length=64)
+    trigger_message_id: str | None = Field(default=None, max_length=64)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    deadline_at: datetime | None = None
+
+
+class RunStarted(DomainEvent):
+    """A worker claimed the run (attempt n). Claiming *is* appending this with an expectation."""
+
+    kind: ClassVar[EventKind] = EventKind("run", "started", 1)
+
+    attempt: int = Field(ge=1)
+    worker: str = Field(min_length=1, max_length=200)
+
+
+class RunWaitingApproval(DomainEvent):
+    kind: ClassVar[EventKind] = EventKind("run", "waiting_approval", 1)
+
+    approval_id: str = _ID
+    tool: str = Field(min_length=1, max_length=200)
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class RunResumed(DomainEvent):
+    kind: ClassVar[EventKind] = EventKind("run", "resumed", 1)
+
+    approval_id: str = _ID
+    decision: Literal["granted", "denied", "expired"]
+
+
+class RunSucceeded(DomainEvent):
+    kind: ClassVar[EventKind] = EventKind("run", "succeeded", 1)
+
+    attempt: int = Field(ge=1)
+    output: str = Field(max_length=200_000)
+
+
+class RunFailed(DomainEvent):
+    kind: ClassVar[EventKind] = EventKind("run", "failed", 1)
+
+    attempt: int = Field(ge=1)
+    error_class: ErrorClass
+    message: str = Field(max_length=4000)
+    retryable: bool
+
+
+class RunRetryScheduled(DomainEvent):
+    """A retryable failure with attempts left: attempt `attempt` may start at `at`."""
+
+    kind: ClassVar[EventKind] = EventKind("run", "retry_scheduled", 1)
+
+    attempt: int = Field(ge=2)
+    at: datetime
+    error_class: ErrorClass
+    message: str = Field(max_length=4000)
+
+
+class RunCancelled(DomainEvent):
+    kind: ClassVar[EventKind] = EventKind("run", "cancelled", 1)
+
+    by: str = Field(min_length=1, max_length=200)
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class RunTimedOut(DomainEvent):
+    kind: ClassVar[EventKind] = EventKind("run", "timed_out", 1)
+
+    attempt: int = Field(ge=0)
+
+
+class RunUsageRecorded(DomainEvent):
+    kind: ClassVar[EventKind] = EventKind("run", "usage_recorded", 1)
+
+    model: str = Field(min_length=1, max_length=200)
+    tokens_in: int = Field(ge=0)
+    tokens_out: int = Field(ge=0)

@@ -1,0 +1,301 @@
+"""The run worker: competing consumers of the run queue.
+
+For each work item (a `run.queued` event) a worker
+
+1. loads the run; ended runs are acked, runs whose retry is not due are naked until then;
+2. claims it by appending `started` with an expectation (`StartRun`): only one worker wins; on
+   a run that is still `running` this is a takeover (the previous worker's lease ran out);
+3. executes it, renewing the lease (`in_progress`) while the executor streams to LIVE, watching
+   for a cancel (a core NATS subscription on the run's `cancelled` subject: honoured at once)
+   and for the deadline;
+4. records the outcome (`succeeded`, `failed`, `retry_scheduled`, `timed_out`) and acks, or naks
+   with the backoff delay for a retry.
+
+A worker that stops gracefully naks what it holds, so another worker takes over immediately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+
+from agentbus.domain.decider import DomainError
+from agentbus.domain.handling import handle, load
+from agentbus.domain.run import RUN, Fail, RunState, StartRun, Succeed, TimeOut
+from agentbus.errors import AgentbusError, StoreUnavailable
+from agentbus.events.envelope import EventContext
+from agentbus.events.run import RunRetryScheduled, RunStarted
+from agentbus.events.session import MessageReceived, MessageSent
+from agentbus.events.subjects import AggregateRef
+from agentbus.executors.catalog import make_executor
+from agentbus.executors.executor import ChatTurn, Executor, ExecutorError, RunRequest
+from agentbus.settings import AgentConfig
+from agentbus.store.eventstore import EVENTS_STREAM, EventStore
+from agentbus.workers.live import LiveOutput
+from agentbus.workers.queue import RUN_QUEUE, ensure_consumer, run_queue_config
+
+log = structlog.get_logger("agentbus.worker")
+
+HISTORY_TURNS = 20
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class RunWorker:
+    """Runs queued runs, `concurrency` at a time, until stopped."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        nc: NATS,
+        agents: Mapping[str, AgentConfig],
+        *,
+        name: str | None = None,
+        concurrency: int = 16,
+        lease: float = 30.0,
+        retry_backoff: timedelta = timedelta(seconds=1),
+        executors: Mapping[str, Executor] | None = None,
+    ) -> None:
+        """`executors` overrides the executor of some agents (by agent name); the others are
+        built from their configuration."""
+        self.name = name or worker_name()
+        self._store = store
+        self._nc = nc
+        self._agents = dict(agents)
+        self._executors: dict[str, Executor] = dict(executors or {})
+        self._concurrency = concurrency
+        self._lease = lease
+        self._retry_backoff = retry_backoff
+        self._log = log.bind(worker=self.name)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await ensure_consumer(self._nc, run_queue_config(self._lease))
+        js = self._nc.jetstream()
+        queue = await js.pull_subscribe_bind(durable=RUN_QUEUE, stream=EVENTS_STREAM)
+        active: set[asyncio.Task[None]] = set()
+        self._log.info("worker ready", concurrency=self._concurrency)
+        try:
+            while not stop.is_set():
+                free = self._concurrency - len(active)
+                if free <= 0:
+                    await asyncio.wait(active, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    messages = await queue.fetch(free, timeout=0.5)
+                except (NatsTimeout, TimeoutError):
+                    continue
+                except Exception as exc:  # NATS reconnecting: back off, keep the loop alive
+                    self._log.warning("fetch failed", error=str(exc))
+                    await asyncio.sleep(0.5)
+                    continue
+                for message in messages:
+                    task = asyncio.create_task(self._process(message))
+                    active.add(task)
+                    task.add_done_callback(active.discard)
+        finally:
+            for task in active:
+                task.cancel()
+            await asyncio.gather(*active, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await queue.unsubscribe()
+
+    # ------------------------------------------------------------------ one work item
+
+    async def _process(self, message: Msg) -> None:
+        ref = AggregateRef.from_subject(message.subject)
+        cancelled = asyncio.Event()
+
+        async def on_cancel(_: Msg) -> None:
+            cancelled.set()
+
+        # Subscribed before claiming, so a cancel appended meanwhile is not missed.
+        watch = await self._nc.subscribe(
+            f"evt.{ref.workspace}.run.{ref.id}.cancelled", cb=on_cancel
+        )
+        try:
+            await self._claim_and_run(message, ref, cancelled)
+        except asyncio.CancelledError:
+            # Stopping: hand the item back now, so another worker takes the run over.
+            with contextlib.suppress(Exception):
+                await message.nak()
+            raise
+        except StoreUnavailable as exc:
+            self._log.warning("store unavailable; will retry", run=ref.id, error=str(exc))
+            with contextlib.suppress(Exception):
+                await message.nak(delay=1.0)
+        except Exception:
+            self._log.exception("run processing failed", run=ref.id)
+            with contextlib.suppress(Exception):
+                await message.nak(delay=1.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.unsubscribe()
+
+    async def _claim_and_run(
+        self, message: Msg, ref: AggregateRef, cancelled: asyncio.Event
+    ) -> None:
+        state, _ = await load(self._store, RUN, ref)
+        if state.finished or state.status in ("new", "waiting_approval"):
+            await message.ack()
+            return
+        now = datetime.now(UTC)
+        if state.status == "retry_scheduled" and state.retry_at and state.retry_at > now:
+            await message.nak(delay=(state.retry_at - now).total_seconds())
+            return
+        context = EventContext(source="agentbus/worker", actor=f"worker:{self.name}")
+        try:
+            claimed = await handle(self._store, RUN, ref, StartRun(self.name, now), context=context)
+        except DomainError:
+            await message.ack()  # ended meanwhile (cancelled, ...)
+            return
+        started = [e for e in claimed.events if isinstance(e, RunStarted)]
+        if not started:  # the claim ended it: timed out before starting, or out of attempts
+            await message.ack()
+            return
+        attempt = started[0].attempt
+        self._log.info("run started", run=ref.id, attempt=attempt)
+        retry_at = await self._execute(message, ref, claimed.state, attempt, cancelled, context)
+        if retry_at is None:
+            await message.ack()
+        else:
+            delay = max(0.0, (retry_at - datetime.now(UTC)).total_seconds())
+            await message.nak(delay=delay)
+
+    async def _execute(
+        self,
+        message: Msg,
+        ref: AggregateRef,
+        state: RunState,
+        attempt: int,
+        cancelled: asyncio.Event,
+        context: EventContext,
+    ) -> datetime | None:
+        """Run the executor; record the outcome. Returns when a retry is due, if one is."""
+        config = self._agents.get(state.agent)
+        now = datetime.now(UTC)
+        if config is None:
+            return await self._finish(
+                ref,
+                Fail(
+                    attempt, "executor", f"unknown agent {state.agent!r}", retryable=False, now=now
+                ),
+                context,
+            )
+        executor = self._executor(state.agent, config)
+        request = RunRequest(
+            workspace=ref.workspace,
+            run_id=ref.id,
+            attempt=attempt,
+            agent=state.agent,
+            input=state.input,
+            session_id=state.session_id,
+            history=await self._history(ref.workspace, state.session_id, state.input),
+            options=config.options,
+        )
+        deadline = now + timedelta(seconds=config.timeout)
+        if state.deadline_at is not None:
+            deadline = min(deadline, state.deadline_at)
+        output = LiveOutput(self._nc, self._store, ref, attempt)
+        running = asyncio.create_task(executor.execute(request, output))
+        stop_watch = asyncio.create_task(cancelled.wait())
+        lease = asyncio.create_task(self._renew(message))
+        try:
+            remaining = max(0.0, (deadline - datetime.now(UTC)).total_seconds())
+            await asyncio.wait(
+                {running, stop_watch}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            lease.cancel()
+            stop_watch.cancel()
+            if not running.done():
+                running.cancel()
+            with contextlib.suppress(BaseException):
+                await running
+            await output.close()
+        if cancelled.is_set() and not (running.done() and not running.cancelled()):
+            self._log.info("run cancelled", run=ref.id, attempt=attempt)
+            return None
+        if running.cancelled():
+            return await self._finish(ref, TimeOut(datetime.now(UTC)), context)
+        error = running.exception()
+        now = datetime.now(UTC)
+        if error is None:
+            return await self._finish(ref, Succeed(attempt, running.result()), context)
+        if isinstance(error, ExecutorError):
+            fail = Fail(
+                attempt,
+                error.error_class,
+                str(error)[:4000],
+                retryable=error.retryable,
+                now=now,
+                backoff=self._retry_backoff,
+            )
+        else:
+            self._log.error("executor crashed", run=ref.id, error=repr(error))
+            fail = Fail(
+                attempt,
+                "executor",
+                f"{type(error).__name__}: {error}"[:4000],
+                retryable=False,
+                now=now,
+            )
+        return await self._finish(ref, fail, context)
+
+    async def _finish(
+        self, ref: AggregateRef, command: Succeed | Fail | TimeOut, context: EventContext
+    ) -> datetime | None:
+        try:
+            outcome = await handle(self._store, RUN, ref, command, context=context)
+        except DomainError as exc:
+            # Cancelled or taken over meanwhile: the other outcome stands.
+            self._log.info("outcome not recorded", run=ref.id, reason=str(exc))
+            return None
+        for event in outcome.events:
+            if isinstance(event, RunRetryScheduled):
+                return event.at
+        self._log.info("run ended", run=ref.id, status=outcome.state.status)
+        return None
+
+    async def _renew(self, message: Msg) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                await message.in_progress()
+            except Exception as exc:
+                self._log.warning("lease renewal failed", error=str(exc))
+
+    def _executor(self, agent: str, config: AgentConfig) -> Executor:
+        if agent not in self._executors:
+            self._executors[agent] = make_executor(config)
+        return self._executors[agent]
+
+    async def _history(
+        self, workspace: str, session_id: str | None, current: str
+    ) -> tuple[ChatTurn, ...]:
+        """The session's earlier messages (most recent `HISTORY_TURNS`), oldest first."""
+        if session_id is None:
+            return ()
+        try:
+            events = (await self._store.load(AggregateRef(workspace, "session", session_id))).events
+        except AgentbusError:
+            return ()
+        turns = [
+            ChatTurn("user" if isinstance(e.event, MessageReceived) else "assistant", e.event.text)
+            for e in events
+            if isinstance(e.event, MessageReceived | MessageSent)
+        ]
+        if turns and turns[-1] == ChatTurn("user", current):
+            turns.pop()  # the message this run answers is the input, not history
+        return tuple(turns[-HISTORY_TURNS:])
