@@ -118,7 +118,12 @@ async def test_kill_9_at_random_points_while_events_flow_equals_a_rebuild(
     try:
         for _ in range(5):
             process = projectors.start()
-            await asyncio.sleep(rng.uniform(0.8, 2.0))
+            # kill it at a random point of its work, not while it is still importing
+            deadline = time.monotonic() + 30
+            while await active_pid(engine) != process.pid:
+                assert time.monotonic() < deadline, "the projector never became active"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(rng.uniform(0.1, 1.0))
             process.send_signal(signal.SIGKILL)
             process.wait()
             seen.append(await position(engine))

@@ -18,10 +18,10 @@ from agentbus.db.engine import create_engine
 from agentbus.db.migrations import upgrade
 from agentbus.domain.handling import handle, load
 from agentbus.domain.run import RUN, Cancel, QueueRun
-from agentbus.domain.session import SESSION, OpenSession, ReceiveMessage
+from agentbus.domain.session import SESSION, OpenSession, ReceiveMessage, SessionBusy
 from agentbus.events import AggregateRef
 from agentbus.events.run import RunStarted, RunSucceeded
-from agentbus.events.session import MessageSent
+from agentbus.events.session import MessageSent, RunAssigned, RunReleased
 from agentbus.executors.executor import Executor, ExecutorError, RunOutput, RunRequest
 from agentbus.projections.runs import RunsProjection
 from agentbus.projections.runtime import Projector, RuntimeOptions
@@ -30,6 +30,7 @@ from agentbus.queries.consistency import wait_for_position
 from agentbus.settings import AgentConfig
 from agentbus.store import EventStore
 from agentbus.workers.autoreply import AutoReply
+from agentbus.workers.capacity import RunSlots
 from agentbus.workers.runs import RunWorker
 
 ECHO = {"echo": AgentConfig(executor="echo", options={"word_delay": 0})}
@@ -363,3 +364,141 @@ async def test_auto_reply_and_the_runs_read_models(
     assert run.finished_at is not None
     assert steps == ["queued", "started", "usage_recorded", "succeeded"]
     assert [tuple(m) for m in messages] == [("in", "hello there"), ("out", "echo: hello there")]
+
+
+# ---------------------------------------------------------------------------- session policies
+
+SLOW_ECHO = {"echo": AgentConfig(executor="echo", options={"word_delay": 0.15})}
+
+
+async def session_with(store: EventStore, sid: str, policy: str) -> AggregateRef:
+    ref = AggregateRef("acme", "session", sid)
+    await handle(store, SESSION, ref, OpenSession("web", agent="echo", concurrency=policy))  # type: ignore[arg-type]
+    return ref
+
+
+async def wait_for(store: EventStore, ref: AggregateRef, count: int, kind: type) -> list:  # type: ignore[type-arg]
+    deadline = time.monotonic() + 20
+    while True:
+        found = [e for e in (await store.load(ref)).events if isinstance(e.event, kind)]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)
+
+
+async def run_history(store: EventStore, run_id: str) -> list[str]:
+    return types((await store.load(AggregateRef("acme", "run", run_id))).events)
+
+
+async def test_enqueue_policy_runs_messages_one_after_another(private_store: EventStore) -> None:
+    store = private_store
+    session = await session_with(store, "queueing", "enqueue")
+    async with workers(store, SLOW_ECHO, auto_reply=True):
+        await handle(store, SESSION, session, ReceiveMessage("m1", "ada", "first message here"))
+        await handle(store, SESSION, session, ReceiveMessage("m2", "ada", "second message"))
+        replies = await wait_for(store, session, 2, MessageSent)
+    assert [r.event.text for r in replies] == ["echo: first message here", "echo: second message"]
+    first, second = (r.event.run_id for r in replies)
+    history = (await store.load(AggregateRef("acme", "run", second))).events
+    first_done = next(
+        e
+        for e in (await store.load(AggregateRef("acme", "run", first))).events
+        if e.event.kind.name == "succeeded"
+    )
+    # the second run was only queued once the first had ended
+    assert history[0].event.kind.name == "queued"
+    assert history[0].position > first_done.position
+
+
+async def test_interrupt_policy_cancels_the_active_run(private_store: EventStore) -> None:
+    store = private_store
+    session = await session_with(store, "interrupting", "interrupt")
+    async with workers(store, SLOW_ECHO, auto_reply=True):
+        await handle(
+            store,
+            SESSION,
+            session,
+            ReceiveMessage("m1", "ada", "a long first message to be cut off"),
+        )
+        await wait_for(store, session, 1, RunAssigned)
+        await asyncio.sleep(0.3)
+        await handle(store, SESSION, session, ReceiveMessage("m2", "ada", "never mind"))
+        replies = await wait_for(store, session, 1, MessageSent)
+        await asyncio.sleep(0.5)
+    events = (await store.load(session)).events
+    assigned = [e.event.run_id for e in events if isinstance(e.event, RunAssigned)]
+    assert len(assigned) == 2
+    assert await run_history(store, assigned[0]) == ["queued", "started", "cancelled"]
+    assert [r.event.text for r in replies] == ["echo: never mind"]
+    assert len([e for e in events if isinstance(e.event, MessageSent)]) == 1
+
+
+async def test_reject_policy_refuses_a_message_while_a_run_is_active(
+    private_store: EventStore,
+) -> None:
+    store = private_store
+    session = await session_with(store, "rejecting", "reject")
+    async with workers(store, SLOW_ECHO, auto_reply=True):
+        await handle(store, SESSION, session, ReceiveMessage("m1", "ada", "one two three four"))
+        await wait_for(store, session, 1, RunAssigned)
+        with pytest.raises(SessionBusy, match="still active"):
+            await handle(store, SESSION, session, ReceiveMessage("m2", "ada", "hurry"))
+        await wait_for(store, session, 1, RunReleased)
+        await handle(store, SESSION, session, ReceiveMessage("m3", "ada", "now"))
+        replies = await wait_for(store, session, 2, MessageSent)
+    assert [r.event.text for r in replies] == ["echo: one two three four", "echo: now"]
+
+
+class Counting:
+    """Records how many runs of each workspace execute at the same time."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.now: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+
+    async def execute(self, request: RunRequest, output: RunOutput) -> str:
+        ws = request.workspace
+        self.now[ws] = self.now.get(ws, 0) + 1
+        self.peak[ws] = max(self.peak.get(ws, 0), self.now[ws])
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            self.now[ws] -= 1
+        return "counted"
+
+
+async def test_per_workspace_cap_on_concurrent_runs(private_store: EventStore) -> None:
+    store = private_store
+    counting = Counting()
+    stop = asyncio.Event()
+    agents = {"count": AgentConfig(executor="echo")}
+    pool = [
+        RunWorker(
+            store,
+            store._nc,
+            agents,
+            name=f"w{n}",
+            executors={"count": counting},
+            concurrency=4,
+            run_limit=2,
+            run_limits={"unlimited": 0},
+            lease=5,
+        )
+        for n in range(3)
+    ]
+    tasks = [asyncio.create_task(w.run(stop)) for w in pool]
+    capped = [AggregateRef("capped", "run", f"c{n}") for n in range(10)]
+    free = [AggregateRef("unlimited", "run", f"u{n}") for n in range(6)]
+    try:
+        for ref in [*capped, *free]:
+            await queue(store, ref, agent="count", executor="echo")
+        for ref in [*capped, *free]:
+            assert await until(store, ref, ["succeeded"], timeout=30) == "succeeded"
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert counting.peak["capped"] == 2
+    assert counting.peak["unlimited"] > 2
+    assert await RunSlots(store._nc).holders("capped") == []

@@ -43,7 +43,12 @@ MODELS = REGISTRY.models
 # (`test_every_type_has_an_example` says so).
 EXAMPLE_DATA: dict[str, dict[str, Any]] = {
     "agentbus.workspace.created.v1": {"display_name": "Acme"},
-    "agentbus.session.opened.v1": {"channel": "web", "title": "Support", "agent": "helper"},
+    "agentbus.session.opened.v1": {
+        "channel": "web",
+        "title": "Support",
+        "agent": "helper",
+        "concurrency": "enqueue",
+    },
     "agentbus.session.closed.v1": {"reason": "done"},
     "agentbus.session.message_received.v1": {
         "message_id": "m1",
@@ -57,6 +62,18 @@ EXAMPLE_DATA: dict[str, dict[str, Any]] = {
         "text": "hi, how can I help?",
         "run_id": "r1",
     },
+    "agentbus.session.run_assigned.v1": {
+        "run_id": "r1",
+        "input": "hello",
+        "trigger_message_id": "m1",
+    },
+    "agentbus.session.run_enqueued.v1": {
+        "run_id": "r2",
+        "input": "and another thing",
+        "trigger_message_id": "m3",
+    },
+    "agentbus.session.run_interrupted.v1": {"run_id": "r1"},
+    "agentbus.session.run_released.v1": {"run_id": "r1"},
     "agentbus.run.queued.v1": {
         "agent": "echo",
         "executor": "echo",

@@ -270,8 +270,9 @@ async def test_chat_with_the_echo_agent_under_up(up: Up) -> None:
         live = [e async for e in store.read(subjects=["evt.demo.run.>"])]
     finally:
         await client.close()
-    assert [e.event.kind.name for e in events] == ["opened", "message_received", "message_sent"]
-    assert events[-1].event.text == "echo: hello agent world"  # type: ignore[attr-defined]
+    names = [e.event.kind.name for e in events]
+    assert names[:4] == ["opened", "message_received", "run_assigned", "message_sent"]
+    assert events[3].event.text == "echo: hello agent world"  # type: ignore[attr-defined]
     assert [e.event.kind.name for e in live] == ["queued", "started", "usage_recorded", "succeeded"]
     # the projections caught up: the run and both messages are in the read models
     deadline = time.monotonic() + 20

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
         '{"base_url": "...", "model": "..."}}}',
     )
     worker_concurrency: int = Field(default=16, ge=1, le=1000, description="Runs per worker.")
+    workspace_run_limit: int = Field(
+        default=0, ge=0, description="Concurrent runs per workspace (0: no limit)."
+    )
+    workspace_run_limits: dict[str, int] = Field(
+        default_factory=dict, description="Per-workspace overrides of workspace_run_limit."
+    )
     run_lease: float = Field(
         default=30.0, gt=0, description="Seconds a worker holds a run without renewing."
     )

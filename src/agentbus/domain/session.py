@@ -9,8 +9,13 @@ from agentbus.domain.decider import Decider, DomainError
 from agentbus.events.registry import DomainEvent
 from agentbus.events.session import (
     Channel,
+    ConcurrencyPolicy,
     MessageReceived,
     MessageSent,
+    RunAssigned,
+    RunEnqueued,
+    RunInterrupted,
+    RunReleased,
     SessionClosed,
     SessionOpened,
 )
@@ -21,11 +26,21 @@ Status = Literal["new", "open", "closed"]
 
 
 @dataclass(frozen=True, slots=True)
+class PendingRun:
+    run_id: str
+    input: str
+    trigger_message_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SessionState:
     status: Status = "new"
     channel: Channel | None = None
     agent: str | None = None
+    concurrency: ConcurrencyPolicy = "enqueue"
     messages: int = 0
+    active_run: str | None = None
+    pending: tuple[PendingRun, ...] = ()
 
 
 INITIAL = SessionState()
@@ -34,12 +49,28 @@ INITIAL = SessionState()
 def evolve(state: SessionState, event: DomainEvent) -> SessionState:
     match event:
         case SessionOpened():
-            return replace(state, status="open", channel=event.channel, agent=event.agent)
+            return replace(
+                state,
+                status="open",
+                channel=event.channel,
+                agent=event.agent,
+                concurrency=event.concurrency,
+            )
         case MessageReceived() | MessageSent():
             return replace(state, messages=state.messages + 1)
         case SessionClosed():
             return replace(state, status="closed")
-    return state
+        case RunAssigned():
+            pending = tuple(p for p in state.pending if p.run_id != event.run_id)
+            return replace(state, active_run=event.run_id, pending=pending)
+        case RunEnqueued():
+            entry = PendingRun(event.run_id, event.input, event.trigger_message_id)
+            return replace(state, pending=(*state.pending, entry))
+        case RunReleased():
+            pending = tuple(p for p in state.pending if p.run_id != event.run_id)
+            active = None if state.active_run == event.run_id else state.active_run
+            return replace(state, active_run=active, pending=pending)
+    return state  # run_interrupted: the cancel follows on the run itself
 
 
 # ---------------------------------------------------------------------------- commands
@@ -50,6 +81,7 @@ class OpenSession:
     channel: Channel
     title: str | None = None
     agent: str | None = None
+    concurrency: ConcurrencyPolicy = "enqueue"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +105,23 @@ class CloseSession:
     reason: str | None = None
 
 
-SessionCommand = OpenSession | ReceiveMessage | SendMessage | CloseSession
+@dataclass(frozen=True, slots=True)
+class AssignRun:
+    """A run answers a message of this session: start it now, queue it, or interrupt."""
+
+    run_id: str
+    input: str
+    trigger_message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRun:
+    """Run `run_id` ended: the next waiting run (if any) gets the session."""
+
+    run_id: str
+
+
+SessionCommand = OpenSession | ReceiveMessage | SendMessage | CloseSession | AssignRun | ReleaseRun
 
 
 class SessionNotFound(DomainError):
@@ -88,6 +136,10 @@ class SessionAlreadyExists(DomainError):
     pass
 
 
+class SessionBusy(DomainError):
+    """Policy `reject`: a message arrived while a run of the session is active."""
+
+
 def decide(command: SessionCommand, state: SessionState) -> list[DomainEvent]:
     match command:
         case OpenSession():
@@ -96,13 +148,27 @@ def decide(command: SessionCommand, state: SessionState) -> list[DomainEvent]:
                     return []  # opening the same session twice is one session
                 raise SessionAlreadyExists("a different session with this id exists")
             return [
-                SessionOpened(channel=command.channel, title=command.title, agent=command.agent)
+                SessionOpened(
+                    channel=command.channel,
+                    title=command.title,
+                    agent=command.agent,
+                    concurrency=command.concurrency,
+                )
             ]
         case ReceiveMessage() | SendMessage():
             if state.status == "new":
                 raise SessionNotFound("cannot post to a session that does not exist")
             if state.status == "closed":
                 raise SessionClosedError("cannot post to a closed session")
+            if (
+                isinstance(command, ReceiveMessage)
+                and state.concurrency == "reject"
+                and state.active_run is not None
+            ):
+                raise SessionBusy(
+                    f"run {state.active_run} of this session is still active "
+                    "(the session's policy is reject): wait for it or cancel it"
+                )
             if isinstance(command, ReceiveMessage):
                 return [
                     MessageReceived(
@@ -126,6 +192,44 @@ def decide(command: SessionCommand, state: SessionState) -> list[DomainEvent]:
             if state.status == "closed":
                 return []
             return [SessionClosed(reason=command.reason)]
+        case AssignRun():
+            if state.status == "new":
+                raise SessionNotFound("cannot run an agent in a session that does not exist")
+            known = {p.run_id for p in state.pending} | {state.active_run}
+            if command.run_id in known:
+                return []  # assigned before: redelivery
+            assigned = RunAssigned(
+                run_id=command.run_id,
+                input=command.input,
+                trigger_message_id=command.trigger_message_id,
+            )
+            if state.active_run is None:
+                return [assigned]
+            if state.concurrency == "interrupt":
+                return [RunInterrupted(run_id=state.active_run), assigned]
+            return [
+                RunEnqueued(
+                    run_id=command.run_id,
+                    input=command.input,
+                    trigger_message_id=command.trigger_message_id,
+                )
+            ]
+        case ReleaseRun():
+            waiting = any(p.run_id == command.run_id for p in state.pending)
+            if command.run_id != state.active_run and not waiting:
+                return []  # not this session's business any more (released before)
+            released: list[DomainEvent] = [RunReleased(run_id=command.run_id)]
+            remaining = [p for p in state.pending if p.run_id != command.run_id]
+            if command.run_id == state.active_run and remaining:
+                following = remaining[0]
+                released.append(
+                    RunAssigned(
+                        run_id=following.run_id,
+                        input=following.input,
+                        trigger_message_id=following.trigger_message_id,
+                    )
+                )
+            return released
     raise TypeError(f"not a session command: {command!r}")
 
 

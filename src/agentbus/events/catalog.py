@@ -18,7 +18,16 @@ from agentbus.events.run import (
     RunUsageRecorded,
     RunWaitingApproval,
 )
-from agentbus.events.session import MessageReceived, MessageSent, SessionClosed, SessionOpened
+from agentbus.events.session import (
+    MessageReceived,
+    MessageSent,
+    RunAssigned,
+    RunEnqueued,
+    RunInterrupted,
+    RunReleased,
+    SessionClosed,
+    SessionOpened,
+)
 from agentbus.events.workspace import WorkspaceCreated
 
 EVENT_MODELS: tuple[type[DomainEvent], ...] = (
@@ -27,6 +36,10 @@ EVENT_MODELS: tuple[type[DomainEvent], ...] = (
     SessionClosed,
     MessageReceived,
     MessageSent,
+    RunAssigned,
+    RunEnqueued,
+    RunInterrupted,
+    RunReleased,
     RunQueued,
     RunStarted,
     RunWaitingApproval,

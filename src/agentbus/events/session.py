@@ -9,6 +9,9 @@ from pydantic import Field
 from agentbus.events.registry import DomainEvent, EventKind
 
 Channel = Literal["web", "api", "telegram", "feishu", "wecom"]
+ConcurrencyPolicy = Literal["enqueue", "interrupt", "reject"]
+"""What a message does while a run of its session is active: wait its turn (`enqueue`), cancel
+the active run (`interrupt`), or be refused (`reject`)."""
 MAX_TEXT = 32_000
 
 
@@ -20,6 +23,7 @@ class SessionOpened(DomainEvent):
     channel: Channel
     title: str | None = Field(default=None, max_length=200)
     agent: str | None = Field(default=None, max_length=64, description="agent that answers")
+    concurrency: ConcurrencyPolicy = "enqueue"
 
 
 class SessionClosed(DomainEvent):
@@ -52,3 +56,39 @@ class MessageSent(DomainEvent):
     author: str = Field(min_length=1, max_length=200)
     text: str = Field(min_length=1, max_length=MAX_TEXT)
     run_id: str | None = Field(default=None, max_length=64)
+
+
+class RunAssigned(DomainEvent):
+    """Run `run_id` now answers this session (the session's active run)."""
+
+    kind: ClassVar[EventKind] = EventKind("session", "run_assigned", 1)
+
+    run_id: str = Field(min_length=1, max_length=64)
+    input: str = Field(max_length=MAX_TEXT)
+    trigger_message_id: str | None = Field(default=None, max_length=64)
+
+
+class RunEnqueued(DomainEvent):
+    """A run waits for the active run to end (policy `enqueue`)."""
+
+    kind: ClassVar[EventKind] = EventKind("session", "run_enqueued", 1)
+
+    run_id: str = Field(min_length=1, max_length=64)
+    input: str = Field(max_length=MAX_TEXT)
+    trigger_message_id: str | None = Field(default=None, max_length=64)
+
+
+class RunInterrupted(DomainEvent):
+    """The active run is to be cancelled for a newer message (policy `interrupt`)."""
+
+    kind: ClassVar[EventKind] = EventKind("session", "run_interrupted", 1)
+
+    run_id: str = Field(min_length=1, max_length=64)
+
+
+class RunReleased(DomainEvent):
+    """A run of this session ended (or was dropped while waiting)."""
+
+    kind: ClassVar[EventKind] = EventKind("session", "run_released", 1)
+
+    run_id: str = Field(min_length=1, max_length=64)

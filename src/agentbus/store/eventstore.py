@@ -42,6 +42,8 @@ from agentbus.events.subjects import EVENTS_PREFIX, AggregateRef
 EVENTS_STREAM: Final = "EVENTS"
 MAX_BATCH: Final = 1000  # JetStream's limit for one atomic batch
 MAX_ID_LENGTH: Final = 128
+_READ_AHEAD: Final = 1024  # messages a reader takes off the subscription before it is asked
+_CLOSED_CHECK: Final = 1.0  # seconds between a waiting reader's looks at the connection
 
 _WRONG_LAST_SEQUENCE = 10071
 _BATCH_DUPLICATE_ID = 10201
@@ -377,6 +379,13 @@ class EventStore:
             opt_start_seq=from_position,
             filter_subjects=list(subjects) if len(subjects) > 1 else None,
         )
+        # A callback hands messages over through a bounded queue: `next_msg` costs a task, a
+        # `wait_for` and a uuid4 per message (a third of a catch-up's time, docs/benchmarks.md).
+        # A full queue blocks the callback, so nats-py withholds the flow-control reply and the
+        # server stops sending: memory stays bounded by the server's flow-control window (at
+        # most 32 MiB). The subscription's own pending limits must hold that window, or nats-py
+        # drops messages as a slow consumer (nats-py's defaults do; 16,384 messages did not).
+        received: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_READ_AHEAD)
         try:
             sub = await js.subscribe(
                 subjects[0],
@@ -384,7 +393,7 @@ class EventStore:
                 ordered_consumer=True,
                 config=config,
                 idle_heartbeat=2.0,
-                pending_msgs_limit=16_384,
+                cb=received.put,
             )
         except _TRANSPORT_ERRORS as exc:
             raise StoreUnavailable(f"cannot start a reader on {self._stream}") from exc
@@ -399,11 +408,9 @@ class EventStore:
                     return
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=None if follow else self._timeout)
-                except NatsTimeout as exc:
-                    raise StoreUnavailable(
-                        f"reading {self._stream} stalled for {self._timeout:g}s"
-                    ) from exc
+                    msg = received.get_nowait()
+                except asyncio.QueueEmpty:
+                    msg = await self._wait_for_message(received, follow)
                 meta = msg.metadata
                 position = meta.sequence.stream
                 pending = meta.num_pending or 0
@@ -416,6 +423,24 @@ class EventStore:
             # Best effort: the ordered consumer is ephemeral and expires on its own.
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _wait_for_message(self, received: asyncio.Queue[Msg], follow: bool) -> Msg:
+        """The next message of a reader whose queue is empty. Raises what `next_msg` did: a
+        closed connection, or (unless following) `StoreUnavailable` after the timeout."""
+        waited = 0.0
+        while True:
+            if self._nc.is_closed:
+                raise ConnectionClosedError
+            step = _CLOSED_CHECK if follow else min(_CLOSED_CHECK, self._timeout - waited)
+            try:
+                async with asyncio.timeout(step):
+                    return await received.get()
+            except TimeoutError:
+                waited += step
+                if not follow and waited >= self._timeout:
+                    raise StoreUnavailable(
+                        f"reading {self._stream} stalled for {self._timeout:g}s"
+                    ) from None
 
     def decode(self, raw: RawEvent) -> RecordedEvent:
         """Decode (and upcast) a raw event; `InvalidEvent` / `UnknownEventType` if it can't be."""

@@ -1,8 +1,16 @@
-"""The auto-reply pipeline: an inbound message in a session that has an agent queues a run;
-the run's final output becomes the session's outbound message.
+"""The auto-reply pipeline: an inbound message in a session that has an agent gets a run; the
+run's final output becomes the session's outbound message.
 
-Both steps are idempotent, so redelivery is harmless: the run id is derived from the inbound
-message's event id, and the reply's event id from the run id.
+The session decides (its concurrency policy: enqueue, interrupt, reject) and this reactor acts
+on each decision *as an event*, so a crash between two steps loses nothing on redelivery:
+
+- `message_received`      -> `AssignRun` on the session (run id derived from the message);
+- `session.run_assigned`  -> `QueueRun` (the run starts now);
+- `session.run_interrupted` -> `Cancel` the interrupted run;
+- run `succeeded`         -> `SendMessage` (the reply), then `ReleaseRun`;
+- run `failed` / `cancelled` / `timed_out` -> `ReleaseRun` (the next waiting run is assigned).
+
+Every step is idempotent: run ids derive from message event ids, reply event ids from run ids.
 """
 
 from __future__ import annotations
@@ -19,11 +27,11 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from agentbus.domain.decider import DomainError
 from agentbus.domain.handling import handle, load
-from agentbus.domain.run import RUN, QueueRun
-from agentbus.domain.session import SESSION, SendMessage
+from agentbus.domain.run import RUN, Cancel, QueueRun
+from agentbus.domain.session import SESSION, AssignRun, ReleaseRun, SendMessage
 from agentbus.events.envelope import EventContext
-from agentbus.events.run import RunSucceeded
-from agentbus.events.session import MessageReceived
+from agentbus.events.run import RunCancelled, RunFailed, RunSucceeded, RunTimedOut
+from agentbus.events.session import MessageReceived, RunAssigned, RunInterrupted
 from agentbus.events.subjects import AggregateRef
 from agentbus.settings import AgentConfig
 from agentbus.store.eventstore import EVENTS_STREAM, EventStore, RawEvent, RecordedEvent
@@ -68,10 +76,7 @@ class AutoReply:
         raw = RawEvent(meta.sequence.stream, message.subject, message.data, meta.timestamp, 0)
         try:
             recorded = self._store.decode(raw)
-            if isinstance(recorded.event, MessageReceived):
-                await self._queue_run(recorded)
-            elif isinstance(recorded.event, RunSucceeded):
-                await self._reply(recorded)
+            await self._react(recorded)
             await message.ack()
         except DomainError as exc:
             log.info("nothing to do", position=raw.position, reason=str(exc))
@@ -80,57 +85,63 @@ class AutoReply:
             log.warning("auto-reply failed; retrying", position=raw.position, error=str(exc))
             await message.nak(delay=1.0)
 
-    async def _queue_run(self, recorded: RecordedEvent) -> None:
+    async def _react(self, recorded: RecordedEvent) -> None:
         event = recorded.event
-        assert isinstance(event, MessageReceived)
-        session = recorded.ref
-        state, _ = await load(self._store, SESSION, session)
-        if state.agent is None:
-            return
-        config = self._agents.get(state.agent)
-        if config is None:
-            log.warning("session agent is not configured", session=session.id, agent=state.agent)
-            return
-        run = AggregateRef(session.workspace, "run", run_id_for(recorded.id))
-        await handle(
-            self._store,
-            RUN,
-            run,
-            QueueRun(
-                agent=state.agent,
-                executor=config.executor,
-                input=event.text,
-                session_id=session.id,
-                trigger_message_id=event.message_id,
-                max_attempts=config.max_attempts,
-                deadline_at=datetime.now(UTC) + timedelta(seconds=config.timeout),
-            ),
-            context=EventContext(
-                source="agentbus/auto-reply",
-                causationid=recorded.id,
-                correlationid=recorded.envelope.correlationid or recorded.id,
-            ),
+        context = EventContext(
+            source="agentbus/auto-reply",
+            causationid=recorded.id,
+            correlationid=recorded.envelope.correlationid or recorded.id,
         )
+        match event:
+            case MessageReceived():
+                state, _ = await load(self._store, SESSION, recorded.ref)
+                if state.agent is None:
+                    return
+                assign = AssignRun(run_id_for(recorded.id), event.text, event.message_id)
+                await handle(self._store, SESSION, recorded.ref, assign, context=context)
+            case RunAssigned():
+                await self._queue(recorded.ref, event, context)
+            case RunInterrupted():
+                run = AggregateRef(recorded.ref.workspace, "run", event.run_id)
+                reason = "interrupted by a newer message in the session"
+                cancel = Cancel(f"session:{recorded.ref.id}", reason)
+                with contextlib.suppress(DomainError):  # it may have ended on its own
+                    await handle(self._store, RUN, run, cancel, context=context)
+            case RunSucceeded() | RunFailed() | RunCancelled() | RunTimedOut():
+                await self._ended(recorded, context)
 
-    async def _reply(self, recorded: RecordedEvent) -> None:
-        event = recorded.event
-        assert isinstance(event, RunSucceeded)
+    async def _queue(
+        self, session: AggregateRef, event: RunAssigned, context: EventContext
+    ) -> None:
+        state, _ = await load(self._store, SESSION, session)
+        config = self._agents.get(state.agent or "")
+        if state.agent is None or config is None:
+            log.warning("session agent is not configured", session=session.id, agent=state.agent)
+            await handle(self._store, SESSION, session, ReleaseRun(event.run_id), context=context)
+            return
+        queue = QueueRun(
+            agent=state.agent,
+            executor=config.executor,
+            input=event.input,
+            session_id=session.id,
+            trigger_message_id=event.trigger_message_id,
+            max_attempts=config.max_attempts,
+            deadline_at=datetime.now(UTC) + timedelta(seconds=config.timeout),
+        )
+        run = AggregateRef(session.workspace, "run", event.run_id)
+        await handle(self._store, RUN, run, queue, context=context)
+
+    async def _ended(self, recorded: RecordedEvent, context: EventContext) -> None:
         run = recorded.ref
         state, _ = await load(self._store, RUN, run)
         if state.session_id is None:
             return
-        reply_id = f"reply-{run.id}"
-        await handle(
-            self._store,
-            SESSION,
-            AggregateRef(run.workspace, "session", state.session_id),
-            SendMessage(
-                message_id=reply_id[:64], author=state.agent, text=event.output, run_id=run.id
-            ),
-            context=EventContext(
-                source="agentbus/auto-reply",
-                causationid=recorded.id,
-                correlationid=recorded.envelope.correlationid,
-            ),
-            event_ids=[reply_id],
-        )
+        session = AggregateRef(run.workspace, "session", state.session_id)
+        if isinstance(recorded.event, RunSucceeded):
+            reply_id = f"reply-{run.id}"[:64]
+            reply = SendMessage(reply_id, state.agent, recorded.event.output, run_id=run.id)
+            with contextlib.suppress(DomainError):  # e.g. the session was closed meanwhile
+                await handle(
+                    self._store, SESSION, session, reply, context=context, event_ids=[reply_id]
+                )
+        await handle(self._store, SESSION, session, ReleaseRun(run.id), context=context)

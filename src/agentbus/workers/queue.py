@@ -4,8 +4,8 @@
   run (renewing the lease with `in_progress`), acks it when the run has ended, naks it with a
   delay for a scheduled retry. If the worker dies the lease (`ack_wait`) runs out and JetStream
   hands the item to another worker, which takes the run over as a new attempt.
-- `auto-reply`: inbound messages (queue a run when the session has an agent) and succeeded runs
-  (post the reply into the session).
+- `auto-reply`: inbound messages and the session's run decisions (assign, interrupt), and runs
+  that ended (post the reply, hand the session to the next waiting run).
 
 Both are created or updated idempotently at worker start (JetStream's create-or-update).
 """
@@ -40,7 +40,15 @@ def auto_reply_config() -> dict[str, object]:
     return {
         "durable_name": AUTO_REPLY,
         "description": "agentbus auto-reply: inbound messages -> runs, runs -> replies",
-        "filter_subjects": ["evt.*.session.*.message_received", "evt.*.run.*.succeeded"],
+        "filter_subjects": [
+            "evt.*.session.*.message_received",
+            "evt.*.session.*.run_assigned",
+            "evt.*.session.*.run_interrupted",
+            "evt.*.run.*.succeeded",
+            "evt.*.run.*.failed",
+            "evt.*.run.*.cancelled",
+            "evt.*.run.*.timed_out",
+        ],
         "deliver_policy": "all",
         "ack_policy": "explicit",
         "ack_wait": 30_000_000_000,

@@ -41,6 +41,7 @@ from agentbus.executors.catalog import make_executor
 from agentbus.executors.executor import ChatTurn, Executor, ExecutorError, RunRequest
 from agentbus.settings import AgentConfig
 from agentbus.store.eventstore import EVENTS_STREAM, EventStore
+from agentbus.workers.capacity import CapacityFull, RunSlots
 from agentbus.workers.live import LiveOutput
 from agentbus.workers.queue import RUN_QUEUE, ensure_consumer, run_queue_config
 
@@ -67,9 +68,12 @@ class RunWorker:
         lease: float = 30.0,
         retry_backoff: timedelta = timedelta(seconds=1),
         executors: Mapping[str, Executor] | None = None,
+        run_limit: int = 0,
+        run_limits: Mapping[str, int] | None = None,
     ) -> None:
         """`executors` overrides the executor of some agents (by agent name); the others are
-        built from their configuration."""
+        built from their configuration. `run_limit` caps concurrent runs per workspace (0: no
+        cap), `run_limits` per workspace."""
         self.name = name or worker_name()
         self._store = store
         self._nc = nc
@@ -78,6 +82,9 @@ class RunWorker:
         self._concurrency = concurrency
         self._lease = lease
         self._retry_backoff = retry_backoff
+        self._run_limit = run_limit
+        self._run_limits = dict(run_limits or {})
+        self._slots = RunSlots(nc)
         self._log = log.bind(worker=self.name)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -147,31 +154,46 @@ class RunWorker:
         self, message: Msg, ref: AggregateRef, cancelled: asyncio.Event
     ) -> None:
         state, _ = await load(self._store, RUN, ref)
+        limit = self._run_limits.get(ref.workspace, self._run_limit)
         if state.finished or state.status in ("new", "waiting_approval"):
+            await self._release(ref, limit)
             await message.ack()
             return
         now = datetime.now(UTC)
         if state.status == "retry_scheduled" and state.retry_at and state.retry_at > now:
             await message.nak(delay=(state.retry_at - now).total_seconds())
             return
+        if limit:
+            try:
+                await self._slots.acquire(ref.workspace, ref.id, limit)
+            except CapacityFull:
+                await message.nak(delay=1.0)  # the workspace is at its cap: wait for a slot
+                return
         context = EventContext(source="agentbus/worker", actor=f"worker:{self.name}")
         try:
             claimed = await handle(self._store, RUN, ref, StartRun(self.name, now), context=context)
         except DomainError:
+            await self._release(ref, limit)
             await message.ack()  # ended meanwhile (cancelled, ...)
             return
         started = [e for e in claimed.events if isinstance(e, RunStarted)]
         if not started:  # the claim ended it: timed out before starting, or out of attempts
+            await self._release(ref, limit)
             await message.ack()
             return
         attempt = started[0].attempt
         self._log.info("run started", run=ref.id, attempt=attempt)
         retry_at = await self._execute(message, ref, claimed.state, attempt, cancelled, context)
+        await self._release(ref, limit)
         if retry_at is None:
             await message.ack()
         else:
             delay = max(0.0, (retry_at - datetime.now(UTC)).total_seconds())
             await message.nak(delay=delay)
+
+    async def _release(self, ref: AggregateRef, limit: int) -> None:
+        if limit:
+            await self._slots.release(ref.workspace, ref.id)
 
     async def _execute(
         self,
