@@ -1,5 +1,10 @@
 """Wiring a decider to the event store: load, decide, append with the expectation, and on a
-concurrency conflict reload and decide again (a bounded number of times)."""
+concurrency conflict reload and decide again (a bounded number of times).
+
+`Loaded` keeps an aggregate in hand between commands (a worker running a run): it decides on the
+state it already has and appends with its known position, so a sequence of commands costs one
+load, not one per command; it reloads only when the aggregate moved underneath it.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,69 @@ async def load(store: EventStore, decider: Decider[C, S], ref: AggregateRef) -> 
     return decider.fold(e.event for e in history.events), history.last_position
 
 
+class Loaded(Generic[C, S]):
+    """An aggregate held by one process: its state and last position as of the last command."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        decider: Decider[C, S],
+        ref: AggregateRef,
+        state: S,
+        position: int,
+    ) -> None:
+        if ref.kind != decider.kind:
+            raise ValueError(f"{decider.kind} decider cannot handle a {ref.kind}")
+        self.store = store
+        self.decider = decider
+        self.ref = ref
+        self.state = state
+        self.position = position
+
+    @classmethod
+    async def load(
+        cls, store: EventStore, decider: Decider[C, S], ref: AggregateRef
+    ) -> Loaded[C, S]:
+        state, position = await load(store, decider, ref)
+        return cls(store, decider, ref, state, position)
+
+    async def handle(
+        self,
+        command: C,
+        *,
+        context: EventContext = EventContext.DEFAULT,
+        event_ids: Sequence[str] | None = None,
+        attempts: int = 5,
+    ) -> Handled[S]:
+        """Decide `command` on the state in hand; on a conflict reload and decide again.
+
+        Raises the decider's `DomainError` to refuse, or `ConcurrencyConflict` if the aggregate
+        kept moving for `attempts` tries."""
+        for attempt in range(attempts):
+            if attempt:
+                self.state, self.position = await load(self.store, self.decider, self.ref)
+            events = list(self.decider.decide(command, self.state))
+            if not events:
+                return Handled((), (), self.state, self.position)
+            try:
+                result = await self.store.append(
+                    self.ref,
+                    events,
+                    expect=Expect.at(self.position),
+                    context=context,
+                    event_ids=event_ids,
+                )
+            except ConcurrencyConflict:
+                if attempt == attempts - 1:
+                    raise
+                continue
+            for event in events:
+                self.state = self.decider.evolve(self.state, event)
+            self.position = result.last_position
+            return Handled(tuple(events), result.positions, self.state, self.position)
+        raise AssertionError("unreachable")
+
+
 async def handle(
     store: EventStore,
     decider: Decider[C, S],
@@ -44,24 +112,6 @@ async def handle(
     event_ids: Sequence[str] | None = None,
     attempts: int = 5,
 ) -> Handled[S]:
-    """Run `command` against aggregate `ref`. Raises the decider's `DomainError` to refuse, or
-    `ConcurrencyConflict` if the aggregate kept moving for `attempts` tries."""
-    if ref.kind != decider.kind:
-        raise ValueError(f"{decider.kind} decider cannot handle a {ref.kind}")
-    for attempt in range(attempts):
-        state, position = await load(store, decider, ref)
-        events = list(decider.decide(command, state))
-        if not events:
-            return Handled((), (), state, position)
-        try:
-            result = await store.append(
-                ref, events, expect=Expect.at(position), context=context, event_ids=event_ids
-            )
-        except ConcurrencyConflict:
-            if attempt == attempts - 1:
-                raise
-            continue
-        for event in events:
-            state = decider.evolve(state, event)
-        return Handled(tuple(events), result.positions, state, result.last_position)
-    raise AssertionError("unreachable")
+    """Load aggregate `ref` and run `command` against it (see `Loaded.handle`)."""
+    loaded = await Loaded.load(store, decider, ref)
+    return await loaded.handle(command, context=context, event_ids=event_ids, attempts=attempts)

@@ -448,9 +448,9 @@ class EventStore:
 
     async def _direct_get(self, subject_filter: str, from_position: int) -> AsyncIterator[Msg]:
         """Batched direct get (server 2.11+): every message on `subject_filter` from a position.
-        One request per 1000 messages and no consumer to create or clean up."""
-        inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox)
+        One request per 1000 messages, no consumer to create or clean up, and the replies come
+        over the store's one reply subscription (no inbox subscribed per load)."""
+        inbox, replies = await self._replies.stream()
         try:
             position = from_position
             while True:
@@ -462,8 +462,9 @@ class EventStore:
                 pending = 0
                 while True:
                     try:
-                        msg = await sub.next_msg(timeout=self._timeout)
-                    except NatsTimeout as exc:
+                        async with asyncio.timeout(self._timeout):
+                            msg = await replies.get()
+                    except TimeoutError as exc:
                         raise StoreUnavailable(
                             f"reading {subject_filter} did not answer within {self._timeout:g}s"
                         ) from exc
@@ -488,7 +489,7 @@ class EventStore:
                 f"NATS connection closed while reading {subject_filter}"
             ) from exc
         finally:
-            await sub.unsubscribe()
+            self._replies.forget(inbox)
 
     def _decode(self, position: int, subject: str, payload: bytes) -> RecordedEvent:
         try:
@@ -506,7 +507,8 @@ class EventStore:
 
 
 class _Replies:
-    """Request/reply for appends over one wildcard reply subscription of this store.
+    """Request/reply (appends) and request/stream (batched direct gets) over one wildcard reply
+    subscription of this store.
 
     The same protocol as `nc.request` (publish with a reply subject, wait for the PubAck, give
     up after the timeout), minus its per-call costs: a NUID plus random token, bytes/str
@@ -520,6 +522,7 @@ class _Replies:
         self._prefix = f"{nc.new_inbox()}."
         self._tokens = itertools.count()
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._streams: dict[str, asyncio.Queue[Msg]] = {}
         self._subscribed = False
         self._subscribing = asyncio.Lock()
 
@@ -543,6 +546,18 @@ class _Replies:
             raise NoRespondersError
         return reply
 
+    async def stream(self) -> tuple[str, asyncio.Queue[Msg]]:
+        """A reply subject whose messages arrive in the returned queue, until `forget`."""
+        if not self._subscribed:
+            await self._subscribe()
+        inbox = f"{self._prefix}{next(self._tokens)}"
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._streams[inbox] = queue
+        return inbox, queue
+
+    def forget(self, inbox: str) -> None:
+        self._streams.pop(inbox, None)
+
     async def _subscribe(self) -> None:
         async with self._subscribing:
             if not self._subscribed:
@@ -551,8 +566,13 @@ class _Replies:
 
     async def _on_reply(self, msg: Msg) -> None:
         future = self._waiting.get(msg.subject)
-        if future is not None and not future.done():
-            future.set_result(msg)
+        if future is not None:
+            if not future.done():
+                future.set_result(msg)
+            return
+        queue = self._streams.get(msg.subject)
+        if queue is not None:
+            queue.put_nowait(msg)
 
 
 def encode_event(

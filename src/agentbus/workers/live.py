@@ -18,10 +18,9 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from agentbus.domain.decider import DomainError
-from agentbus.domain.handling import handle
-from agentbus.domain.run import RUN, RecordUsage
-from agentbus.events.subjects import LIVE_PREFIX, AggregateRef
-from agentbus.store.eventstore import EventStore
+from agentbus.domain.handling import Loaded
+from agentbus.domain.run import RecordUsage, RunCommand, RunState
+from agentbus.events.subjects import LIVE_PREFIX
 
 log = structlog.get_logger("agentbus.live")
 
@@ -32,21 +31,20 @@ class LiveOutput:
     def __init__(
         self,
         nc: NATS,
-        store: EventStore,
-        run: AggregateRef,
+        run: Loaded[RunCommand, RunState],
         attempt: int,
         *,
         coalesce: float = 0.05,
     ) -> None:
         self._nc = nc
-        self._store = store
-        self._run = run
+        self._loaded = run
+        self._run = run.ref
         self._attempt = attempt
         self._coalesce = coalesce
         self._buffer: list[str] = []
         self._seq = 0
         self._flush_task: asyncio.Task[None] | None = None
-        self._prefix = f"{LIVE_PREFIX}.{run.workspace}.run.{run.id}"
+        self._prefix = f"{LIVE_PREFIX}.{run.ref.workspace}.run.{run.ref.id}"
         self.text = ""
         """Everything streamed so far (the reply as the client sees it)."""
 
@@ -64,12 +62,7 @@ class LiveOutput:
 
     async def usage(self, model: str, tokens_in: int, tokens_out: int) -> None:
         try:
-            await handle(
-                self._store,
-                RUN,
-                self._run,
-                RecordUsage(self._attempt, model, tokens_in, tokens_out),
-            )
+            await self._loaded.handle(RecordUsage(self._attempt, model, tokens_in, tokens_out))
         except DomainError as exc:  # the run ended meanwhile (cancelled, taken over)
             log.info("usage not recorded", run=self._run.id, reason=str(exc))
 

@@ -30,8 +30,8 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 
 from agentbus.domain.decider import DomainError
-from agentbus.domain.handling import handle, load
-from agentbus.domain.run import RUN, Fail, RunState, StartRun, Succeed, TimeOut
+from agentbus.domain.handling import Loaded
+from agentbus.domain.run import RUN, Fail, RunCommand, RunState, StartRun, Succeed, TimeOut
 from agentbus.errors import AgentbusError, StoreUnavailable
 from agentbus.events.envelope import EventContext
 from agentbus.events.run import RunRetryScheduled, RunStarted
@@ -153,7 +153,8 @@ class RunWorker:
     async def _claim_and_run(
         self, message: Msg, ref: AggregateRef, cancelled: asyncio.Event
     ) -> None:
-        state, _ = await load(self._store, RUN, ref)
+        run = await Loaded.load(self._store, RUN, ref)
+        state = run.state
         limit = self._run_limits.get(ref.workspace, self._run_limit)
         if state.finished or state.status in ("new", "waiting_approval"):
             await self._release(ref, limit)
@@ -171,7 +172,7 @@ class RunWorker:
                 return
         context = EventContext(source="agentbus/worker", actor=f"worker:{self.name}")
         try:
-            claimed = await handle(self._store, RUN, ref, StartRun(self.name, now), context=context)
+            claimed = await run.handle(StartRun(self.name, now), context=context)
         except DomainError:
             await self._release(ref, limit)
             await message.ack()  # ended meanwhile (cancelled, ...)
@@ -183,7 +184,7 @@ class RunWorker:
             return
         attempt = started[0].attempt
         self._log.info("run started", run=ref.id, attempt=attempt)
-        retry_at = await self._execute(message, ref, claimed.state, attempt, cancelled, context)
+        retry_at = await self._execute(message, run, attempt, cancelled, context)
         await self._release(ref, limit)
         if retry_at is None:
             await message.ack()
@@ -198,18 +199,18 @@ class RunWorker:
     async def _execute(
         self,
         message: Msg,
-        ref: AggregateRef,
-        state: RunState,
+        run: Loaded[RunCommand, RunState],
         attempt: int,
         cancelled: asyncio.Event,
         context: EventContext,
     ) -> datetime | None:
         """Run the executor; record the outcome. Returns when a retry is due, if one is."""
+        ref, state = run.ref, run.state
         config = self._agents.get(state.agent)
         now = datetime.now(UTC)
         if config is None:
             return await self._finish(
-                ref,
+                run,
                 Fail(
                     attempt, "executor", f"unknown agent {state.agent!r}", retryable=False, now=now
                 ),
@@ -229,7 +230,7 @@ class RunWorker:
         deadline = now + timedelta(seconds=config.timeout)
         if state.deadline_at is not None:
             deadline = min(deadline, state.deadline_at)
-        output = LiveOutput(self._nc, self._store, ref, attempt)
+        output = LiveOutput(self._nc, run, attempt)
         running = asyncio.create_task(executor.execute(request, output))
         stop_watch = asyncio.create_task(cancelled.wait())
         lease = asyncio.create_task(self._renew(message))
@@ -250,11 +251,11 @@ class RunWorker:
             self._log.info("run cancelled", run=ref.id, attempt=attempt)
             return None
         if running.cancelled():
-            return await self._finish(ref, TimeOut(datetime.now(UTC)), context)
+            return await self._finish(run, TimeOut(datetime.now(UTC)), context)
         error = running.exception()
         now = datetime.now(UTC)
         if error is None:
-            return await self._finish(ref, Succeed(attempt, running.result()), context)
+            return await self._finish(run, Succeed(attempt, running.result()), context)
         if isinstance(error, ExecutorError):
             fail = Fail(
                 attempt,
@@ -273,13 +274,17 @@ class RunWorker:
                 retryable=False,
                 now=now,
             )
-        return await self._finish(ref, fail, context)
+        return await self._finish(run, fail, context)
 
     async def _finish(
-        self, ref: AggregateRef, command: Succeed | Fail | TimeOut, context: EventContext
+        self,
+        run: Loaded[RunCommand, RunState],
+        command: Succeed | Fail | TimeOut,
+        context: EventContext,
     ) -> datetime | None:
+        ref = run.ref
         try:
-            outcome = await handle(self._store, RUN, ref, command, context=context)
+            outcome = await run.handle(command, context=context)
         except DomainError as exc:
             # Cancelled or taken over meanwhile: the other outcome stands.
             self._log.info("outcome not recorded", run=ref.id, reason=str(exc))
