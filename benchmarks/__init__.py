@@ -29,6 +29,10 @@ class Options:
     """Measurements per figure; the median is reported (the machine is noisy)."""
     warmup: int | None = None
     """Operations of each kind before measuring. None: the scenario's default."""
+    workers: int | None = None
+    """Worker instances, for scenarios that run workers (runs). None: the scenario's default."""
+    worker_concurrency: int | None = None
+    """Work items each worker handles at a time. None: the scenario's default."""
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from benchmarks import Figure, Options, append
+from benchmarks import Figure, Options, append, projection, runs
 from benchmarks.env import Env, open_env
 
-SCENARIOS: tuple[ModuleType, ...] = (append,)
+SCENARIOS: tuple[ModuleType, ...] = (append, projection, runs)
 """Every scenario, in the order `python -m benchmarks` runs them. Add new modules here."""
 
 
@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrency=args.concurrency,
         rounds=args.rounds,
         warmup=args.warmup,
+        workers=args.workers,
+        worker_concurrency=args.worker_concurrency,
     )
     # With --json the table goes to stderr, so stdout is exactly the JSON document.
     console = Console(stderr=args.json)
@@ -123,6 +125,18 @@ def _parser(scenarios: dict[str, Scenario]) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--warmup", type=int, metavar="N", help="operations of each kind before measuring"
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="worker instances, for scenarios that run workers (runs: default 4)",
+    )
+    parser.add_argument(
+        "--worker-concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="work items each worker handles at a time (runs: default 32)",
     )
     parser.add_argument(
         "--nats-url",
@@ -207,8 +221,10 @@ def _table(
         ratio, met = figure.ratio, figure.goal_met
         table.add_row(
             Text(figure.name),
-            f"{figure.value:,.0f} {figure.unit}",
-            f"{min(figure.samples):,.0f}-{max(figure.samples):,.0f}" if figure.samples else "",
+            f"{_number(figure.value)} {figure.unit}",
+            f"{_number(min(figure.samples))}-{_number(max(figure.samples))}"
+            if figure.samples
+            else "",
             Text(figure.ceiling_name or ""),
             f"{figure.ceiling_value:,.0f}" if figure.ceiling_value else "",
             Text(
@@ -219,6 +235,11 @@ def _table(
             "" if figure.cpu_us_per_op is None else f"{figure.cpu_us_per_op:.0f}",
         )
     return table
+
+
+def _number(value: float) -> str:
+    """Whole numbers, but one decimal below 100 (latencies in ms are often a few units)."""
+    return f"{value:,.1f}" if abs(value) < 100 else f"{value:,.0f}"
 
 
 def _machine() -> str:

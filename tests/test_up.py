@@ -18,6 +18,7 @@ import pytest
 from agentbus.events import AggregateRef
 from agentbus.events.catalog import default_registry
 from agentbus.events.session import SessionOpened
+from agentbus.projections.catalog import all_projections
 from agentbus.store import NO_EVENTS, EventStore
 
 from .conftest import connect
@@ -279,10 +280,10 @@ async def test_chat_with_the_echo_agent_under_up(up: Up) -> None:
     while True:
         status = run_cli("projections", "status", "--data-dir", str(up.data_dir), env=env)
         lines = [line for line in status.stdout.splitlines() if "running" in line]
-        if len(lines) == 2 or time.monotonic() > deadline:
+        if len(lines) == len(all_projections()) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
-    assert len(lines) == 2, status.stdout
+    assert len(lines) == len(all_projections()), status.stdout
     code, _ = up.stop()
     assert code == 0
 

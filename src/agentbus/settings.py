@@ -18,6 +18,12 @@ class AgentConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     max_attempts: int = Field(default=3, ge=1, le=100)
     timeout: float = Field(default=300.0, gt=0, description="Seconds before a run times out.")
+    max_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Most tokens (in + out) one model call may use: reserved from the budget "
+        "before each call (one call per attempt).",
+    )
 
 
 class Settings(BaseSettings):

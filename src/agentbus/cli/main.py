@@ -7,7 +7,7 @@ import contextlib
 import fcntl
 import os
 import signal
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -37,6 +37,14 @@ projections_app = typer.Typer(
 )
 dlq_app = typer.Typer(help="Events a projection could not apply.", no_args_is_help=True)
 projections_app.add_typer(dlq_app, name="dlq")
+admin_app = typer.Typer(help="Workspaces, users and API keys.", no_args_is_help=True)
+admin_workspace_app = typer.Typer(help="Workspaces.", no_args_is_help=True)
+admin_user_app = typer.Typer(help="Users (password login).", no_args_is_help=True)
+admin_key_app = typer.Typer(help="API keys.", no_args_is_help=True)
+admin_app.add_typer(admin_workspace_app, name="workspace")
+admin_app.add_typer(admin_user_app, name="user")
+admin_app.add_typer(admin_key_app, name="apikey")
+app.add_typer(admin_app, name="admin")
 app.add_typer(projections_app, name="projections")
 app.add_typer(streams_app, name="streams")
 app.add_typer(db_app, name="db")
@@ -287,10 +295,14 @@ async def _start_platform(
 
     platform = await Platform.connect(settings, nats_url, database_url)
     try:
+        bootstrap_key = None
         if prepare:
             with err.status("applying streams and migrations…"):
                 await apply_streams(platform.nc, load_stream_specs(resource("streams")))
                 await upgrade(database_url)
+            from agentbus.cli.admin import bootstrap
+
+            bootstrap_key = await bootstrap(platform.nc, platform.store)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -298,6 +310,12 @@ async def _start_platform(
 
         def ready() -> None:
             _print_running(settings, nats_url, database_url, roles, data_dir)
+            if bootstrap_key is not None:
+                err.print(
+                    "[bold yellow]first start:[/] system API key (shown once, store it now):\n"
+                    f"  {bootstrap_key.token}",
+                    highlight=False,
+                )
 
         try:
             await run_roles(
@@ -663,6 +681,141 @@ async def _dlq_retry(settings: Settings, name: str) -> None:
         out.print(f"  {letter_id}: {error}", highlight=False)
     if result.failed:
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- admin
+
+
+def _admin(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """Run `work(store)` against NATS (AGENTBUS_NATS_URL or the embedded port)."""
+    settings = _settings()
+    configure_logging(settings.log_format, "warning")
+
+    async def go() -> T:
+        from agentbus.events.catalog import default_registry
+        from agentbus.store.connection import connect_nats
+        from agentbus.store.eventstore import EventStore
+
+        nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
+        try:
+            return await work(EventStore(nc, default_registry(), timeout=settings.store_timeout))
+        finally:
+            await nc.close()
+
+    return _run(go())
+
+
+RoleOption = Annotated[str, typer.Option(help="owner, admin, member, viewer or auditor.")]
+
+
+def _role(value: str) -> Any:
+    if value not in ("owner", "admin", "member", "viewer", "auditor"):
+        raise typer.BadParameter(f"unknown role {value!r}")
+    return value
+
+
+@admin_app.command("init")
+def admin_init() -> None:
+    """Issue the bootstrap system key (once per deployment; `agentbus up` does it too)."""
+    from agentbus.cli.admin import bootstrap
+
+    async def work(store: Any) -> Any:
+        return await bootstrap(store._nc, store)
+
+    key = _admin(work)
+    if key is None:
+        out.print("already bootstrapped: issue more keys with `agentbus admin apikey issue`")
+        return
+    out.print(f"system API key (shown once, store it now):\n{key.token}", highlight=False)
+
+
+@admin_workspace_app.command("create")
+def admin_workspace_create(
+    workspace: Annotated[str, typer.Argument(help="Workspace id (lowercase, digits, _ -).")],
+    name: Annotated[str | None, typer.Option(help="Display name.")] = None,
+    owner: Annotated[str | None, typer.Option(help="User id to make its owner.")] = None,
+) -> None:
+    """Create a workspace (and optionally make a user its owner)."""
+    from agentbus.cli.admin import create_workspace
+
+    _admin(lambda store: create_workspace(store, workspace, name or workspace, owner))
+    out.print(f"workspace {workspace} created")
+
+
+@admin_workspace_app.command("member")
+def admin_workspace_member(
+    workspace: Annotated[str, typer.Argument()],
+    user: Annotated[str, typer.Argument()],
+    role: RoleOption = "member",
+) -> None:
+    """Add a user to a workspace with a role (or change their role)."""
+    from agentbus.cli.admin import add_member
+
+    _admin(lambda store: add_member(store, workspace, user, _role(role)))
+    out.print(f"{user} is {role} in {workspace}")
+
+
+@admin_user_app.command("create")
+def admin_user_create(
+    user: Annotated[str, typer.Argument(help="User id (lowercase, digits, _ -).")],
+    name: Annotated[str | None, typer.Option(help="Display name.")] = None,
+    password: Annotated[
+        str | None, typer.Option(help="Password (asked for when not given).")
+    ] = None,
+) -> None:
+    """Create a user who logs in to the web chat with a password."""
+    from agentbus.cli.admin import create_user
+
+    secret = password or typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    if len(secret) < 8:
+        raise typer.BadParameter("passwords have at least 8 characters")
+    _admin(lambda store: create_user(store, user, name or user, secret))
+    out.print(f"user {user} created")
+
+
+@admin_user_app.command("disable")
+def admin_user_disable(user: Annotated[str, typer.Argument()]) -> None:
+    """Disable a user: refused from their next request on."""
+    from agentbus.cli.admin import set_user_enabled
+
+    _admin(lambda store: set_user_enabled(store, user, False))
+    out.print(f"user {user} disabled")
+
+
+@admin_user_app.command("enable")
+def admin_user_enable(user: Annotated[str, typer.Argument()]) -> None:
+    """Enable a disabled user again."""
+    from agentbus.cli.admin import set_user_enabled
+
+    _admin(lambda store: set_user_enabled(store, user, True))
+    out.print(f"user {user} enabled")
+
+
+@admin_key_app.command("issue")
+def admin_key_issue(
+    workspace: Annotated[str, typer.Argument(help="The key's workspace.")],
+    name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
+    role: RoleOption = "member",
+) -> None:
+    """Issue an API key for a workspace; prints it once."""
+    from agentbus.cli.admin import issue_key
+
+    key = _admin(lambda store: issue_key(store, name, workspace, _role(role)))
+    out.print(
+        f"API key {key.key_id} ({role} in {workspace}), shown once:\n{key.token}", highlight=False
+    )
+
+
+@admin_key_app.command("revoke")
+def admin_key_revoke(
+    key_id: Annotated[str, typer.Argument(help="Key id (the part after ab_).")],
+    reason: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Revoke an API key: refused from its next request on."""
+    from agentbus.cli.admin import revoke_key
+
+    _admin(lambda store: revoke_key(store, key_id, reason))
+    out.print(f"API key {key_id} revoked")
 
 
 # --------------------------------------------------------------------------- schemas

@@ -31,6 +31,9 @@ class Decider(Generic[C, S]):
     initial_state: S
     evolve: Callable[[S, DomainEvent], S]
     decide: Callable[[C, S], Sequence[DomainEvent]]
+    snapshot: str | None = None
+    """The name of an event that carries the aggregate's whole state (`evolve` ignores the state
+    before it), or None. Loads start at the aggregate's last such event."""
 
     def fold(self, events: Iterable[DomainEvent]) -> S:
         state = self.initial_state

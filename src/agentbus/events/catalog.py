@@ -5,6 +5,23 @@ Add a new event model here; add an `Upcaster` here when a type gets a new versio
 
 from __future__ import annotations
 
+from agentbus.events.budget import (
+    BudgetAlerted,
+    BudgetExhausted,
+    BudgetPeriodStarted,
+    BudgetSet,
+    ReservationReleased,
+    ReservationSettled,
+    TokensReserved,
+)
+from agentbus.events.identity import (
+    ApiKeyIssued,
+    ApiKeyRevoked,
+    UserCreated,
+    UserDisabled,
+    UserEnabled,
+    UserPasswordChanged,
+)
 from agentbus.events.registry import DomainEvent, EventRegistry, Upcaster
 from agentbus.events.run import (
     RunCancelled,
@@ -28,10 +45,24 @@ from agentbus.events.session import (
     SessionClosed,
     SessionOpened,
 )
-from agentbus.events.workspace import WorkspaceCreated
+from agentbus.events.workspace import (
+    MemberAdded,
+    MemberRemoved,
+    MemberRoleChanged,
+    WorkspaceCreated,
+)
 
 EVENT_MODELS: tuple[type[DomainEvent], ...] = (
     WorkspaceCreated,
+    MemberAdded,
+    MemberRoleChanged,
+    MemberRemoved,
+    UserCreated,
+    UserPasswordChanged,
+    UserDisabled,
+    UserEnabled,
+    ApiKeyIssued,
+    ApiKeyRevoked,
     SessionOpened,
     SessionClosed,
     MessageReceived,
@@ -50,6 +81,13 @@ EVENT_MODELS: tuple[type[DomainEvent], ...] = (
     RunCancelled,
     RunTimedOut,
     RunUsageRecorded,
+    BudgetSet,
+    BudgetPeriodStarted,
+    TokensReserved,
+    ReservationSettled,
+    ReservationReleased,
+    BudgetAlerted,
+    BudgetExhausted,
 )
 
 UPCASTERS: tuple[Upcaster, ...] = ()

@@ -1,12 +1,14 @@
-"""Events of the workspace aggregate (a tenant)."""
+"""Events of the workspace aggregate (a tenant) and its members."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from agentbus.events.registry import DomainEvent, EventKind
+
+Role = Literal["owner", "admin", "member", "viewer", "auditor"]
 
 
 class WorkspaceCreated(DomainEvent):
@@ -15,3 +17,23 @@ class WorkspaceCreated(DomainEvent):
     kind: ClassVar[EventKind] = EventKind("workspace", "created", 1)
 
     display_name: str = Field(min_length=1, max_length=200)
+
+
+class MemberAdded(DomainEvent):
+    kind: ClassVar[EventKind] = EventKind("workspace", "member_added", 1)
+
+    user_id: str = Field(min_length=1, max_length=64)
+    role: Role
+
+
+class MemberRoleChanged(DomainEvent):
+    kind: ClassVar[EventKind] = EventKind("workspace", "member_role_changed", 1)
+
+    user_id: str = Field(min_length=1, max_length=64)
+    role: Role
+
+
+class MemberRemoved(DomainEvent):
+    kind: ClassVar[EventKind] = EventKind("workspace", "member_removed", 1)
+
+    user_id: str = Field(min_length=1, max_length=64)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -11,21 +13,50 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
 from agentbus import __version__
+from agentbus.gateway.auth import Identities
+from agentbus.gateway.limits import BodyLimit, RateLimiter
 from agentbus.gateway.problems import PROBLEM_JSON, install_problem_handlers
+from agentbus.gateway.routes import admin, conversations
+from agentbus.projections.catalog import all_projections
+from agentbus.projections.generations import ensure_generations
 from agentbus.projections.health import projection_health, prometheus_text
 from agentbus.runtime.platform import Platform
+from agentbus.runtime.secrets import shared_secret
 
 REQUIRED_STREAMS = ("EVENTS", "LIVE")
 
 
-def create_app(platform: Platform) -> FastAPI:
+MAX_BODY = 256 * 1024
+
+
+def create_app(platform: Platform, *, rate: float = 50.0, burst: float = 100.0) -> FastAPI:
     """The gateway app over already-open connections (the caller owns their lifetime)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The read models' views exist before the first query, even before a projector ran.
+        await ensure_generations(platform.engine, all_projections())
+        secret = await shared_secret(platform.nc, "session_cookie")
+        identities = Identities(platform.store, platform.nc, secret)
+        await identities.start()
+        app.state.identities = identities
+        try:
+            yield
+        finally:
+            await identities.stop()
+
     app = FastAPI(
         title="agentbus",
         version=__version__,
         summary="Event-sourced message bus for AI-agent gateways",
+        lifespan=lifespan,
     )
+    app.state.platform = platform
+    app.state.rate_limiter = RateLimiter(rate=rate, burst=burst)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
     install_problem_handlers(app)
+    app.include_router(admin.router)
+    app.include_router(conversations.router)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:

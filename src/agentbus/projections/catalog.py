@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from agentbus.projections.budgets import BudgetsProjection
 from agentbus.projections.projection import Projection
 from agentbus.projections.runs import RunsProjection
 from agentbus.projections.sessions import SessionsProjection
 
 
 def all_projections() -> list[Projection]:
-    return [SessionsProjection(), RunsProjection()]
+    return [SessionsProjection(), RunsProjection(), BudgetsProjection()]
 
 
 def projection_named(name: str, projections: list[Projection] | None = None) -> Projection:

@@ -124,6 +124,8 @@ async def _create(
     tables = projection.physical_tables(number)
     for ddl in projection.schema:
         await connection.execute(text(ddl.format_map(tables)))
+    for physical in tables.values():
+        await _isolate_workspaces(connection, physical)
     row = (
         await connection.execute(
             text(
@@ -138,6 +140,22 @@ async def _create(
     return Generation.from_row(row)
 
 
+READER_ROLE = "agentbus_reader"
+
+
+async def _isolate_workspaces(connection: AsyncConnection, physical: str) -> None:
+    """Row-level security: the reader role sees only the rows of the workspace set for the
+    transaction (`SET LOCAL agentbus.workspace`); with none set it sees nothing."""
+    await connection.execute(text(f'ALTER TABLE "{physical}" ENABLE ROW LEVEL SECURITY'))
+    await connection.execute(
+        text(
+            f'CREATE POLICY workspace_isolation ON "{physical}" FOR SELECT TO {READER_ROLE} '
+            "USING (workspace = current_setting('agentbus.workspace', true))"
+        )
+    )
+    await connection.execute(text(f'GRANT SELECT ON "{physical}" TO {READER_ROLE}'))
+
+
 async def _point_views(connection: AsyncConnection, projection: Projection, number: int) -> None:
     # security_invoker: row-level security of the tables applies to whoever queries the view.
     for table, physical in projection.physical_tables(number).items():
@@ -148,6 +166,7 @@ async def _point_views(connection: AsyncConnection, projection: Projection, numb
                 f'AS SELECT * FROM "{physical}"'
             )
         )
+        await connection.execute(text(f'GRANT SELECT ON "{table}" TO {READER_ROLE}'))
 
 
 async def try_swap(

@@ -162,7 +162,7 @@ class ProjectionWorker:
             self._log.warning("halted", reason=state.halted)
             return await self._wait_unhalted(stop)
         position = state.position
-        queue: asyncio.Queue[_Decoded] = asyncio.Queue(maxsize=self._options.batch_size * 4)
+        queue: asyncio.Queue[RawEvent] = asyncio.Queue(maxsize=self._options.batch_size * 4)
         reader = asyncio.create_task(self._read(position + 1, queue))
         applied = dead = 0
         try:
@@ -176,7 +176,7 @@ class ProjectionWorker:
                 position = outcome.position
                 applied += outcome.applied
                 dead += outcome.dead_letters
-                caught_up = batch[-1].raw.pending == 0 and queue.empty()
+                caught_up = batch[-1].pending == 0 and queue.empty()
                 if self._on_progress is not None:
                     self._on_progress(Progress(self.generation, position, applied, dead, caught_up))
                 if outcome.halted:
@@ -191,15 +191,13 @@ class ProjectionWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
-    async def _read(self, start: int, queue: asyncio.Queue[_Decoded]) -> None:
-        # Events are decoded here, as they arrive: the reader runs while a batch's transaction
-        # waits for Postgres, so decoding the next batches overlaps writing this one.
+    async def _read(self, start: int, queue: asyncio.Queue[RawEvent]) -> None:
         async for raw in self._store.read_raw(from_position=start, follow=True):
-            await queue.put(self._decode(raw))
+            await queue.put(raw)
 
     async def _next_batch(
-        self, queue: asyncio.Queue[_Decoded], reader: asyncio.Task[None]
-    ) -> list[_Decoded]:
+        self, queue: asyncio.Queue[RawEvent], reader: asyncio.Task[None]
+    ) -> list[RawEvent]:
         """Up to `batch_size` events: waits up to 0.5 s for the first (then returns empty so the
         caller can check for stop), then at most `linger` for more."""
         try:
@@ -248,12 +246,10 @@ class ProjectionWorker:
 
     # ------------------------------------------------------------------ applying
 
-    async def _apply(self, batch: Sequence[_Decoded], position: int) -> _Outcome:
-        """Apply `batch` (which follows `position`) in one transaction, fenced on `position`."""
+    async def _apply(self, events: Sequence[RawEvent], position: int) -> _Outcome:
+        """Apply `events` (which follow `position`) in one transaction, fenced on `position`."""
         halt = self.projection.on_poison == "halt"
-        events = [item.raw for item in batch]
-        decoded = [(item.raw, item.writes) for item in batch if item.writes is not None]
-        poisoned = [(item.raw, item.error) for item in batch if item.error is not None]
+        decoded, poisoned = self._decode(events)
         if halt and poisoned:
             events, decoded, poisoned = _cut_before(poisoned[0], events, decoded)
         async with self._engine.connect() as connection:
@@ -284,16 +280,21 @@ class ProjectionWorker:
                     poisoned = sorted([*poisoned, *refused], key=lambda item: item[0].position)
                 return await self._commit(raw, events, position, poisoned, halt)
 
-    def _decode(self, raw: RawEvent) -> _Decoded:
-        """Decode one event and run its handler (no I/O: handlers are pure)."""
-        try:
-            recorded = self._store.decode(raw)
-            handler = self._handlers.get(type(recorded.event))
-            if handler is None:
-                return _Decoded(raw)
-            return _Decoded(raw, writes=list(handler(recorded)))
-        except Exception as exc:  # a handler's bug must not stop the others
-            return _Decoded(raw, error=f"{type(exc).__name__}: {exc}")
+    def _decode(
+        self, events: Sequence[RawEvent]
+    ) -> tuple[list[tuple[RawEvent, list[Write]]], list[tuple[RawEvent, str]]]:
+        decoded: list[tuple[RawEvent, list[Write]]] = []
+        poisoned: list[tuple[RawEvent, str]] = []
+        for raw_event in events:
+            try:
+                recorded = self._store.decode(raw_event)
+                handler = self._handlers.get(type(recorded.event))
+                if handler is None:
+                    continue
+                decoded.append((raw_event, list(handler(recorded))))
+            except Exception as exc:  # a handler's bug must not stop the others
+                poisoned.append((raw_event, f"{type(exc).__name__}: {exc}"))
+        return decoded, poisoned
 
     async def _execute_writes(self, raw: asyncpg.Connection, writes: Sequence[Write]) -> None:
         await execute_writes(raw, self.projection, self._sql, writes)
@@ -368,15 +369,6 @@ def _cut_before(
         [(r, w) for r, w in decoded if r.position < cut],
         [poison],
     )
-
-
-@dataclass(frozen=True, slots=True)
-class _Decoded:
-    """An event as read, with its handler's writes (None: no handler), or why it is poison."""
-
-    raw: RawEvent
-    writes: list[Write] | None = None
-    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,17 +1,26 @@
 """Queries over the `sessions` and `messages` read models (the stable views of the live
-generation). Each accepts `min_position` for read-your-writes."""
+generation), under the workspace's row-level security. Each accepts `min_position` for
+read-your-writes."""
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from datetime import datetime
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentbus.errors import AgentbusError
 from agentbus.queries.consistency import wait_for_position
+from agentbus.queries.scope import workspace_scope
 
 PROJECTION = "sessions"
+
+
+class BadCursor(AgentbusError):
+    """A pagination cursor that this server did not hand out (or for another listing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +62,25 @@ _MESSAGE_COLUMNS = (
 )
 
 
+def encode_cursor(kind: str, *values: object) -> str:
+    raw = orjson.dumps([kind, *values], default=str)
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(kind: str, cursor: str) -> tuple[datetime, str]:
+    """The (time, id) a page cursor points after; `BadCursor` if it was not ours."""
+    try:
+        values = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        raise BadCursor("malformed cursor") from None
+    if not isinstance(values, list) or len(values) != 3 or values[0] != kind:
+        raise BadCursor("this cursor belongs to another listing")
+    try:
+        return datetime.fromisoformat(str(values[1])), str(values[2])
+    except ValueError:
+        raise BadCursor("malformed cursor") from None
+
+
 async def _consistent(engine: AsyncEngine, min_position: int | None, timeout: float) -> None:
     if min_position:
         await wait_for_position(engine, PROJECTION, min_position, timeout=timeout)
@@ -67,7 +95,7 @@ async def get_session(
     timeout: float = 5.0,
 ) -> SessionRow | None:
     await _consistent(engine, min_position, timeout)
-    async with engine.connect() as connection:
+    async with workspace_scope(engine, workspace) as connection:
         row = (
             await connection.execute(
                 text(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE workspace = :w AND id = :id"),
@@ -82,20 +110,35 @@ async def list_sessions(
     workspace: str,
     *,
     limit: int = 50,
+    cursor: str | None = None,
     min_position: int | None = None,
     timeout: float = 5.0,
-) -> list[SessionRow]:
-    """Newest first."""
+) -> tuple[list[SessionRow], str | None]:
+    """Newest first; returns the page and the cursor of the next page (None: last page)."""
     await _consistent(engine, min_position, timeout)
-    async with engine.connect() as connection:
-        rows = await connection.execute(
-            text(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE workspace = :w "
-                "ORDER BY created_at DESC, id LIMIT :limit"
-            ),
-            {"w": workspace, "limit": limit},
-        )
-        return [SessionRow(*row) for row in rows]
+    where = "workspace = :w"
+    params: dict[str, object] = {"w": workspace, "limit": limit + 1}
+    if cursor is not None:
+        created, last_id = decode_cursor("sessions", cursor)
+        where += " AND (created_at, id) < (:created, :id)"
+        params.update(created=created, id=last_id)
+    async with workspace_scope(engine, workspace) as connection:
+        rows = [
+            SessionRow(*row)
+            for row in await connection.execute(
+                text(
+                    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {where} "
+                    "ORDER BY created_at DESC, id DESC LIMIT :limit"
+                ),
+                params,
+            )
+        ]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    following = (
+        encode_cursor("sessions", rows[-1].created_at.isoformat(), rows[-1].id) if more else None
+    )
+    return rows, following
 
 
 async def list_messages(
@@ -110,7 +153,7 @@ async def list_messages(
 ) -> list[MessageRow]:
     """Oldest first, from `after_position` (exclusive)."""
     await _consistent(engine, min_position, timeout)
-    async with engine.connect() as connection:
+    async with workspace_scope(engine, workspace) as connection:
         rows = await connection.execute(
             text(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE workspace = :w "

@@ -42,8 +42,6 @@ from agentbus.events.subjects import EVENTS_PREFIX, AggregateRef
 EVENTS_STREAM: Final = "EVENTS"
 MAX_BATCH: Final = 1000  # JetStream's limit for one atomic batch
 MAX_ID_LENGTH: Final = 128
-_READ_AHEAD: Final = 1024  # messages a reader takes off the subscription before it is asked
-_CLOSED_CHECK: Final = 1.0  # seconds between a waiting reader's looks at the connection
 
 _WRONG_LAST_SEQUENCE = 10071
 _BATCH_DUPLICATE_ID = 10201
@@ -291,17 +289,67 @@ class EventStore:
 
     # ------------------------------------------------------------------ read
 
-    async def load(self, ref: AggregateRef) -> AggregateHistory:
-        """Every event of one aggregate, oldest first, with its last position."""
+    async def load(self, ref: AggregateRef, *, after: int = 0) -> AggregateHistory:
+        """Every event of one aggregate, oldest first, with its last position.
+
+        `after`: only the events after this position (an incremental load on top of a state
+        the caller already folded up to it). When none follow, `last_position` is `after`:
+        pass a position the aggregate has reached, not an arbitrary one.
+        """
+        if after < 0:
+            raise ValueError(f"positions start at 1, got after={after}")
         events = [
             self._decode(
                 int((msg.headers or {})["Nats-Sequence"]),
                 (msg.headers or {})["Nats-Subject"],
                 msg.data,
             )
-            async for msg in self._direct_get(ref.filter, 1)
+            async for msg in self._direct_get(ref.filter, after + 1)
         ]
-        return AggregateHistory(tuple(events), events[-1].position if events else 0)
+        return AggregateHistory(tuple(events), events[-1].position if events else after)
+
+    async def last_positions(self, subject_filters: Sequence[str]) -> dict[str, int]:
+        """The position of the newest event on each subject matching `subject_filters`
+        (wildcards allowed), by subject; empty when none matches. One multi-last direct get
+        (server 2.11+); at most 1000 subjects may match."""
+        if not subject_filters:
+            raise ValueError("last_positions needs at least one subject filter")
+        inbox, replies = await self._replies.stream()
+        found: dict[str, int] = {}
+        try:
+            await self._nc.publish(
+                f"$JS.API.DIRECT.GET.{self._stream}",
+                orjson.dumps({"multi_last": list(subject_filters), "batch": MAX_BATCH}),
+                reply=inbox,
+            )
+            while True:
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        msg = await replies.get()
+                except TimeoutError as exc:
+                    raise StoreUnavailable(
+                        f"last events on {subject_filters} did not answer within {self._timeout:g}s"
+                    ) from exc
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status == "404":
+                    return found
+                if status == "204":
+                    if int(headers.get("Nats-Num-Pending", "0")):
+                        raise ValueError(f"more than {MAX_BATCH} subjects match {subject_filters}")
+                    return found
+                if status is not None:
+                    raise StoreUnavailable(
+                        f"direct get on {subject_filters} failed: {status} "
+                        f"{headers.get('Description', '')}"
+                    )
+                found[headers["Nats-Subject"]] = int(headers["Nats-Sequence"])
+        except ConnectionClosedError as exc:
+            raise StoreUnavailable(
+                f"NATS connection closed while reading {subject_filters}"
+            ) from exc
+        finally:
+            self._replies.forget(inbox)
 
     async def get(self, position: int) -> RecordedEvent | None:
         """The event at `position`, or None if there is none (never written, or beyond)."""
@@ -379,21 +427,18 @@ class EventStore:
             opt_start_seq=from_position,
             filter_subjects=list(subjects) if len(subjects) > 1 else None,
         )
-        # A callback hands messages over through a bounded queue: `next_msg` costs a task, a
-        # `wait_for` and a uuid4 per message (a third of a catch-up's time, docs/benchmarks.md).
-        # A full queue blocks the callback, so nats-py withholds the flow-control reply and the
-        # server stops sending: memory stays bounded by the server's flow-control window (at
-        # most 32 MiB). The subscription's own pending limits must hold that window, or nats-py
-        # drops messages as a slow consumer (nats-py's defaults do; 16,384 messages did not).
-        received: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_READ_AHEAD)
         try:
+            # No pending limits of our own: nats-py's defaults (512k messages, 256 MiB) hold
+            # what flow control lets the server send ahead (up to 32 MiB). A projection slower
+            # than delivery fell behind by more than the 16,384 messages once set here, and
+            # nats-py then dropped messages as a slow consumer (the ordered consumer recovers
+            # by re-creating itself, after a warning per dropped message).
             sub = await js.subscribe(
                 subjects[0],
                 stream=self._stream,
                 ordered_consumer=True,
                 config=config,
                 idle_heartbeat=2.0,
-                cb=received.put,
             )
         except _TRANSPORT_ERRORS as exc:
             raise StoreUnavailable(f"cannot start a reader on {self._stream}") from exc
@@ -408,9 +453,11 @@ class EventStore:
                     return
             while True:
                 try:
-                    msg = received.get_nowait()
-                except asyncio.QueueEmpty:
-                    msg = await self._wait_for_message(received, follow)
+                    msg = await sub.next_msg(timeout=None if follow else self._timeout)
+                except NatsTimeout as exc:
+                    raise StoreUnavailable(
+                        f"reading {self._stream} stalled for {self._timeout:g}s"
+                    ) from exc
                 meta = msg.metadata
                 position = meta.sequence.stream
                 pending = meta.num_pending or 0
@@ -423,24 +470,6 @@ class EventStore:
             # Best effort: the ordered consumer is ephemeral and expires on its own.
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-
-    async def _wait_for_message(self, received: asyncio.Queue[Msg], follow: bool) -> Msg:
-        """The next message of a reader whose queue is empty. Raises what `next_msg` did: a
-        closed connection, or (unless following) `StoreUnavailable` after the timeout."""
-        waited = 0.0
-        while True:
-            if self._nc.is_closed:
-                raise ConnectionClosedError
-            step = _CLOSED_CHECK if follow else min(_CLOSED_CHECK, self._timeout - waited)
-            try:
-                async with asyncio.timeout(step):
-                    return await received.get()
-            except TimeoutError:
-                waited += step
-                if not follow and waited >= self._timeout:
-                    raise StoreUnavailable(
-                        f"reading {self._stream} stalled for {self._timeout:g}s"
-                    ) from None
 
     def decode(self, raw: RawEvent) -> RecordedEvent:
         """Decode (and upcast) a raw event; `InvalidEvent` / `UnknownEventType` if it can't be."""

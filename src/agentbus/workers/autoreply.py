@@ -10,6 +10,9 @@ on each decision *as an event*, so a crash between two steps loses nothing on re
 - run `succeeded`         -> `SendMessage` (the reply), then `ReleaseRun`;
 - run `failed` / `cancelled` / `timed_out` -> `ReleaseRun` (the next waiting run is assigned).
 
+A run is not queued when the workspace's (or the agent's) token budget cannot pay for one more
+call this period: the session gets a `message_sent` from `agentbus` saying so, and is released.
+
 Every step is idempotent: run ids derive from message event ids, reply event ids from run ids.
 """
 
@@ -25,8 +28,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 
+from agentbus.domain.budget import BudgetExceeded, Budgets
 from agentbus.domain.decider import DomainError
-from agentbus.domain.handling import handle, load
+from agentbus.domain.handling import StateCache, handle, load
 from agentbus.domain.run import RUN, Cancel, QueueRun
 from agentbus.domain.session import SESSION, AssignRun, ReleaseRun, SendMessage
 from agentbus.events.envelope import EventContext
@@ -50,6 +54,7 @@ class AutoReply:
         self._store = store
         self._nc = nc
         self._agents = dict(agents)
+        self._budgets = Budgets(store, StateCache())
 
     async def run(self, stop: asyncio.Event) -> None:
         await ensure_consumer(self._nc, auto_reply_config())
@@ -129,7 +134,29 @@ class AutoReply:
             deadline_at=datetime.now(UTC) + timedelta(seconds=config.timeout),
         )
         run = AggregateRef(session.workspace, "run", event.run_id)
+        queued, _ = await load(self._store, RUN, run)
+        if queued.status == "new":  # (a redelivery of a run queued before is not re-checked)
+            try:
+                await self._budgets.ensure_can_start(
+                    session.workspace, state.agent, config.max_tokens
+                )
+            except BudgetExceeded as exc:
+                await self._refuse(session, event.run_id, exc, context)
+                return
         await handle(self._store, RUN, run, queue, context=context)
+
+    async def _refuse(
+        self, session: AggregateRef, run_id: str, why: BudgetExceeded, context: EventContext
+    ) -> None:
+        """Tell the session why its message gets no answer, and hand the session on."""
+        log.info("run refused: budget exhausted", session=session.id, run=run_id, why=str(why))
+        notice_id = f"budget-{run_id}"[:64]
+        notice = SendMessage(notice_id, "agentbus", f"Not answered: {why}")
+        with contextlib.suppress(DomainError):  # e.g. the session was closed meanwhile
+            await handle(
+                self._store, SESSION, session, notice, context=context, event_ids=[notice_id]
+            )
+        await handle(self._store, SESSION, session, ReleaseRun(run_id), context=context)
 
     async def _ended(self, recorded: RecordedEvent, context: EventContext) -> None:
         run = recorded.ref

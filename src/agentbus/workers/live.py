@@ -47,6 +47,8 @@ class LiveOutput:
         self._prefix = f"{LIVE_PREFIX}.{run.ref.workspace}.run.{run.ref.id}"
         self.text = ""
         """Everything streamed so far (the reply as the client sees it)."""
+        self.tokens = 0
+        """Tokens (in + out) reported through `usage` so far: what the budget is charged."""
 
     async def delta(self, text: str) -> None:
         if not text:
@@ -61,6 +63,7 @@ class LiveOutput:
         await self._publish("progress", {"kind": kind, "data": dict(data)})
 
     async def usage(self, model: str, tokens_in: int, tokens_out: int) -> None:
+        self.tokens += tokens_in + tokens_out  # spent, whether or not the run still records it
         try:
             await self._loaded.handle(RecordUsage(self._attempt, model, tokens_in, tokens_out))
         except DomainError as exc:  # the run ended meanwhile (cancelled, taken over)

@@ -29,10 +29,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 
+from agentbus.domain.budget import BudgetExceeded, Budgets, Hold
 from agentbus.domain.decider import DomainError
-from agentbus.domain.handling import Loaded
+from agentbus.domain.handling import Loaded, StateCache
 from agentbus.domain.run import RUN, Fail, RunCommand, RunState, StartRun, Succeed, TimeOut
 from agentbus.errors import AgentbusError, StoreUnavailable
+from agentbus.events.budget import ReleaseReason
 from agentbus.events.envelope import EventContext
 from agentbus.events.run import RunRetryScheduled, RunStarted
 from agentbus.events.session import MessageReceived, MessageSent
@@ -85,6 +87,11 @@ class RunWorker:
         self._run_limit = run_limit
         self._run_limits = dict(run_limits or {})
         self._slots = RunSlots(nc)
+        self._budgets = Budgets(
+            store,
+            StateCache(),
+            context=EventContext(source="agentbus/worker", actor=f"worker:{self.name}"),
+        )
         self._log = log.bind(worker=self.name)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -157,6 +164,8 @@ class RunWorker:
         state = run.state
         limit = self._run_limits.get(ref.workspace, self._run_limit)
         if state.finished or state.status in ("new", "waiting_approval"):
+            if state.finished:  # it may have ended while its worker was dead: free its tokens
+                await self._budgets.release_run(ref, state.agent, "run_ended")
             await self._release(ref, limit)
             await message.ack()
             return
@@ -174,11 +183,14 @@ class RunWorker:
         try:
             claimed = await run.handle(StartRun(self.name, now), context=context)
         except DomainError:
+            if run.state.finished:
+                await self._budgets.release_run(ref, state.agent, "run_ended")
             await self._release(ref, limit)
             await message.ack()  # ended meanwhile (cancelled, ...)
             return
         started = [e for e in claimed.events if isinstance(e, RunStarted)]
         if not started:  # the claim ended it: timed out before starting, or out of attempts
+            await self._budgets.release_run(ref, state.agent, "run_ended")
             await self._release(ref, limit)
             await message.ack()
             return
@@ -230,6 +242,15 @@ class RunWorker:
         deadline = now + timedelta(seconds=config.timeout)
         if state.deadline_at is not None:
             deadline = min(deadline, state.deadline_at)
+        try:  # one model call per attempt: hold its maximum tokens first
+            hold = await self._budgets.reserve(ref, state.agent, attempt, config.max_tokens, now)
+        except BudgetExceeded as exc:
+            self._log.info("budget exhausted", run=ref.id, reason=str(exc))
+            refusal = Fail(attempt, "budget_exhausted", str(exc)[:4000], retryable=False, now=now)
+            return await self._finish(run, refusal, context)
+        except DomainError as exc:  # a later attempt of the run holds tokens: taken over
+            self._log.info("attempt superseded", run=ref.id, reason=str(exc))
+            return None
         output = LiveOutput(self._nc, run, attempt)
         running = asyncio.create_task(executor.execute(request, output))
         stop_watch = asyncio.create_task(cancelled.wait())
@@ -247,14 +268,19 @@ class RunWorker:
             with contextlib.suppress(BaseException):
                 await running
             await output.close()
+        # The budget is settled before the outcome is recorded: a worker dying in between
+        # leaves a settled budget, and the takeover's new reservation is its own.
         if cancelled.is_set() and not (running.done() and not running.cancelled()):
+            await self._spend(hold, output, "cancelled")
             self._log.info("run cancelled", run=ref.id, attempt=attempt)
             return None
         if running.cancelled():
+            await self._spend(hold, output, "timed_out")
             return await self._finish(run, TimeOut(datetime.now(UTC)), context)
         error = running.exception()
         now = datetime.now(UTC)
         if error is None:
+            await self._spend(hold, output, None)
             return await self._finish(run, Succeed(attempt, running.result()), context)
         if isinstance(error, ExecutorError):
             fail = Fail(
@@ -274,7 +300,20 @@ class RunWorker:
                 retryable=False,
                 now=now,
             )
+        retry = fail.retryable and attempt < state.max_attempts
+        await self._spend(hold, output, "retry" if retry else "failed")
         return await self._finish(run, fail, context)
+
+    async def _spend(self, hold: Hold, output: LiveOutput, reason: ReleaseReason | None) -> None:
+        """Charge the attempt's reported usage to its budgets (the rest of the reservation goes
+        back), or give the reservation back whole when the attempt failed without usage.
+        `reason` None: the attempt succeeded (charged even when it reported no usage)."""
+        if not hold.budgets:
+            return
+        if reason is None or output.tokens:
+            await self._budgets.settle(hold, output.tokens)
+        else:
+            await self._budgets.release(hold, reason)
 
     async def _finish(
         self,

@@ -1,0 +1,429 @@
+"""Sessions, their messages, runs, and the workspace's event history.
+
+Commands answer 202 with the event ids and stream position once JetStream has acknowledged
+them (durable). Queries read the projections and accept `min_position`: they wait (bounded)
+until the read model has applied that position (read-your-writes)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Path, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from agentbus.domain.budget import ensure_can_start
+from agentbus.domain.handling import Loaded, handle
+from agentbus.domain.run import RUN, Cancel, QueueRun, RunNotFound
+from agentbus.domain.session import (
+    SESSION,
+    CloseSession,
+    OpenSession,
+    ReceiveMessage,
+    SessionNotFound,
+)
+from agentbus.events.envelope import uuid7
+from agentbus.events.session import MAX_TEXT, Channel, ConcurrencyPolicy
+from agentbus.events.subjects import EVENTS_PREFIX, AggregateRef
+from agentbus.gateway.auth import NotVisible
+from agentbus.gateway.deps import Auditor, PlatformDep, Reader, Writer
+from agentbus.gateway.routes.admin import context
+from agentbus.queries.runs import RunRow, get_run, list_runs
+from agentbus.queries.sessions import (
+    MessageRow,
+    SessionRow,
+    get_session,
+    list_messages,
+    list_sessions,
+)
+from agentbus.workers.autoreply import run_id_for
+
+router = APIRouter(prefix="/v1/workspaces/{ws}")
+
+_STRICT = ConfigDict(extra="forbid")
+Id = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+MinPosition = Annotated[
+    int | None,
+    Query(ge=0, description="wait until the read model has applied this stream position"),
+]
+Limit = Annotated[int, Query(ge=1, le=200, description="page size (at most 200)")]
+IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1d2a8e-3c59-4a3e-9d7b-1b2c3d4e5f60")
+
+
+class Accepted(BaseModel):
+    id: str = Field(description="the resource the command acted on")
+    event_ids: list[str]
+    position: int = Field(description="stream position of the command's last event")
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+class NewSession(BaseModel):
+    model_config = _STRICT
+    id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="default: a new UUIDv7",
+    )
+    channel: Channel = "api"
+    title: str | None = Field(default=None, max_length=200)
+    agent: str | None = Field(default=None, max_length=64, description="agent that answers")
+    concurrency: ConcurrencyPolicy = "enqueue"
+
+
+class SessionOut(BaseModel):
+    id: str
+    channel: str
+    title: str | None
+    agent: str | None
+    status: str
+    created_at: datetime
+    closed_at: datetime | None
+    last_message_at: datetime | None
+    message_count: int
+    position: int
+
+    @classmethod
+    def of(cls, row: SessionRow) -> SessionOut:
+        return cls(
+            id=row.id,
+            channel=row.channel,
+            title=row.title,
+            agent=row.agent,
+            status=row.status,
+            created_at=row.created_at,
+            closed_at=row.closed_at,
+            last_message_at=row.last_message_at,
+            message_count=row.message_count,
+            position=row.position,
+        )
+
+
+class SessionPage(BaseModel):
+    sessions: list[SessionOut]
+    next_cursor: str | None
+
+
+@router.post("/sessions", status_code=202, tags=["sessions"], summary="Open a session")
+async def open_session(body: NewSession, platform: PlatformDep, access: Writer) -> Accepted:
+    if body.agent is not None and body.agent not in platform.settings.agents:
+        raise NotVisible(f"agent {body.agent!r} is not configured")
+    session_id = body.id or uuid7()
+    ref = AggregateRef(access.workspace, "session", session_id)
+    command = OpenSession(body.channel, body.title, body.agent, body.concurrency)
+    done = await handle(platform.store, SESSION, ref, command, context=context(access.principal))
+    return Accepted(id=session_id, event_ids=[], position=done.position)
+
+
+@router.get("/sessions", tags=["sessions"], summary="Sessions, newest first")
+async def sessions(
+    platform: PlatformDep,
+    access: Reader,
+    limit: Limit = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    min_position: MinPosition = None,
+) -> SessionPage:
+    rows, following = await list_sessions(
+        platform.engine, access.workspace, limit=limit, cursor=cursor, min_position=min_position
+    )
+    return SessionPage(sessions=[SessionOut.of(r) for r in rows], next_cursor=following)
+
+
+@router.get("/sessions/{sid}", tags=["sessions"], summary="One session")
+async def session(
+    sid: Id, platform: PlatformDep, access: Reader, min_position: MinPosition = None
+) -> SessionOut:
+    row = await get_session(platform.engine, access.workspace, sid, min_position=min_position)
+    if row is None:
+        raise SessionNotFound(f"session {sid} not found")
+    return SessionOut.of(row)
+
+
+@router.post("/sessions/{sid}/close", status_code=202, tags=["sessions"], summary="Close")
+async def close_session(sid: Id, platform: PlatformDep, access: Writer) -> Accepted:
+    ref = AggregateRef(access.workspace, "session", sid)
+    done = await handle(
+        platform.store, SESSION, ref, CloseSession(), context=context(access.principal)
+    )
+    return Accepted(id=sid, event_ids=[], position=done.position)
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+class NewMessage(BaseModel):
+    model_config = _STRICT
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+    author: str | None = Field(
+        default=None, min_length=1, max_length=200, description="default: the caller"
+    )
+    external_id: str | None = Field(default=None, max_length=200)
+
+
+class PostedMessage(BaseModel):
+    id: str = Field(description="the message id")
+    event_ids: list[str]
+    position: int
+    run_id: str | None = Field(description="the run that will answer (session with an agent)")
+    duplicate: bool = Field(description="true: this Idempotency-Key was seen before")
+
+
+class MessageOut(BaseModel):
+    position: int
+    message_id: str
+    direction: Literal["in", "out"]
+    author: str
+    text: str
+    created_at: datetime
+    external_id: str | None
+    run_id: str | None
+
+    @classmethod
+    def of(cls, row: MessageRow) -> MessageOut:
+        return cls(
+            position=row.position,
+            message_id=row.message_id,
+            direction=row.direction,
+            author=row.author,
+            text=row.text,
+            created_at=row.created_at,
+            external_id=row.external_id,
+            run_id=row.run_id,
+        )
+
+
+@router.post(
+    "/sessions/{sid}/messages",
+    status_code=202,
+    tags=["messages"],
+    summary="Post a message into a session",
+)
+async def post_message(
+    sid: Id,
+    body: NewMessage,
+    platform: PlatformDep,
+    access: Writer,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            description="retry-safe: the same key in this session posts once, forever",
+        ),
+    ] = None,
+) -> PostedMessage:
+    ref = AggregateRef(access.workspace, "session", sid)
+    event_id = (
+        str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{access.workspace}/{sid}/{idempotency_key}"))
+        if idempotency_key
+        else uuid7()
+    )
+    history = await platform.store.load(ref)
+    for recorded in history.events:
+        if recorded.id == event_id:  # a retry: answer as the first time
+            message_id = str(getattr(recorded.event, "message_id", ""))
+            return PostedMessage(
+                id=message_id,
+                event_ids=[event_id],
+                position=recorded.position,
+                run_id=_run_for(history, event_id),
+                duplicate=True,
+            )
+    session = Loaded(
+        platform.store,
+        SESSION,
+        ref,
+        SESSION.fold(e.event for e in history.events),
+        history.last_position,
+    )
+    message_id = uuid7()
+    command = ReceiveMessage(
+        message_id, body.author or access.principal.id, body.text, body.external_id
+    )
+    done = await session.handle(command, context=context(access.principal), event_ids=[event_id])
+    run_id = run_id_for(event_id) if session.state.agent else None
+    return PostedMessage(
+        id=message_id, event_ids=[event_id], position=done.position, run_id=run_id, duplicate=False
+    )
+
+
+def _run_for(history: Any, event_id: str) -> str | None:
+    agent = SESSION.fold(e.event for e in history.events).agent
+    return run_id_for(event_id) if agent else None
+
+
+@router.get("/sessions/{sid}/messages", tags=["messages"], summary="Messages, oldest first")
+async def messages(
+    sid: Id,
+    platform: PlatformDep,
+    access: Reader,
+    after: Annotated[int, Query(ge=0, description="only messages after this position")] = 0,
+    limit: Limit = 100,
+    min_position: MinPosition = None,
+) -> list[MessageOut]:
+    rows = await list_messages(
+        platform.engine,
+        access.workspace,
+        sid,
+        after_position=after,
+        limit=limit,
+        min_position=min_position,
+    )
+    if not rows and await get_session(platform.engine, access.workspace, sid) is None:
+        raise SessionNotFound(f"session {sid} not found")
+    return [MessageOut.of(r) for r in rows]
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+class NewRun(BaseModel):
+    model_config = _STRICT
+    id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="default: new; the same id twice is one run",
+    )
+    agent: str = Field(min_length=1, max_length=64)
+    input: str = Field(min_length=1, max_length=MAX_TEXT)
+    session_id: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class RunOut(BaseModel):
+    id: str
+    session_id: str | None
+    agent: str
+    status: str
+    attempts: int
+    max_attempts: int
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error_class: str | None
+    error_message: str | None
+    output: str | None
+    model: str | None
+    tokens_in: int
+    tokens_out: int
+    position: int
+
+    @classmethod
+    def of(cls, row: RunRow) -> RunOut:
+        return cls(**{name: getattr(row, name) for name in cls.model_fields})
+
+
+class RunPage(BaseModel):
+    runs: list[RunOut]
+    next_cursor: str | None
+
+
+@router.post("/runs", status_code=202, tags=["runs"], summary="Queue a run of an agent")
+async def create_run(body: NewRun, platform: PlatformDep, access: Writer) -> Accepted:
+    config = platform.settings.agents.get(body.agent)
+    if config is None:
+        raise NotVisible(f"agent {body.agent!r} is not configured")
+    await ensure_can_start(platform.store, access.workspace, body.agent, config.max_tokens)
+    run_id = body.id or "r" + uuid7().replace("-", "")
+    ref = AggregateRef(access.workspace, "run", run_id)
+    command = QueueRun(
+        body.agent,
+        config.executor,
+        body.input,
+        session_id=body.session_id,
+        max_attempts=config.max_attempts,
+        deadline_at=datetime.now(UTC) + timedelta(seconds=config.timeout),
+    )
+    done = await handle(platform.store, RUN, ref, command, context=context(access.principal))
+    return Accepted(id=run_id, event_ids=[], position=done.position)
+
+
+@router.get("/runs", tags=["runs"], summary="Runs, newest first")
+async def runs(
+    platform: PlatformDep,
+    access: Reader,
+    session_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    min_position: MinPosition = None,
+) -> RunPage:
+    rows, following = await list_runs(
+        platform.engine,
+        access.workspace,
+        session_id=session_id,
+        limit=limit,
+        cursor=cursor,
+        min_position=min_position,
+    )
+    return RunPage(runs=[RunOut.of(r) for r in rows], next_cursor=following)
+
+
+@router.get("/runs/{rid}", tags=["runs"], summary="One run")
+async def run(
+    rid: Id, platform: PlatformDep, access: Reader, min_position: MinPosition = None
+) -> RunOut:
+    row = await get_run(platform.engine, access.workspace, rid, min_position=min_position)
+    if row is None:
+        raise RunNotFound(f"run {rid} not found")
+    return RunOut.of(row)
+
+
+class CancelIn(BaseModel):
+    model_config = _STRICT
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+@router.post("/runs/{rid}/cancel", status_code=202, tags=["runs"], summary="Cancel a run")
+async def cancel_run(
+    rid: Id, platform: PlatformDep, access: Writer, body: CancelIn | None = None
+) -> Accepted:
+    ref = AggregateRef(access.workspace, "run", rid)
+    command = Cancel(access.principal.actor, body.reason if body else None)
+    done = await handle(platform.store, RUN, ref, command, context=context(access.principal))
+    return Accepted(id=rid, event_ids=[], position=done.position)
+
+
+# ---------------------------------------------------------------------------- history
+
+
+class EventPage(BaseModel):
+    events: list[dict[str, Any]] = Field(description="CloudEvents, oldest first")
+    positions: list[int]
+    next_after: int = Field(description="pass as `after` for the next page")
+
+
+@router.get("/events", tags=["events"], summary="A page of the workspace's event history")
+async def events(
+    platform: PlatformDep,
+    access: Auditor,
+    after: Annotated[int, Query(ge=0, description="events after this stream position")] = 0,
+    limit: Limit = 100,
+    types: Annotated[
+        str | None, Query(max_length=2000, description="comma-separated CloudEvents types")
+    ] = None,
+) -> EventPage:
+    wanted = {t.strip() for t in types.split(",") if t.strip()} if types else None
+    last = await platform.store.last_position()
+    page: list[dict[str, Any]] = []
+    positions: list[int] = []
+    next_after = after
+    if after < last:
+        async for recorded in platform.store.read(
+            from_position=after + 1,
+            subjects=[f"{EVENTS_PREFIX}.{access.workspace}.>"],
+            to_position=last,
+        ):
+            next_after = recorded.position
+            if wanted is None or recorded.type in wanted:
+                page.append(recorded.envelope.model_dump(mode="json", exclude_none=True))
+                positions.append(recorded.position)
+            if len(page) >= limit:
+                break
+        else:
+            next_after = max(next_after, last)
+    return EventPage(events=page, positions=positions, next_after=next_after)

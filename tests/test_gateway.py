@@ -1,0 +1,465 @@
+"""The HTTP API on real NATS and Postgres: identity, roles, every resource's success and error
+paths, cross-workspace isolation (404, never data), revocation, RLS and limits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentbus.cli.admin import bootstrap
+from agentbus.db.engine import create_engine
+from agentbus.db.migrations import upgrade
+from agentbus.domain.budget import set_budget
+from agentbus.gateway.app import create_app
+from agentbus.projections.catalog import all_projections
+from agentbus.projections.runtime import Projector, RuntimeOptions
+from agentbus.queries.scope import workspace_scope
+from agentbus.runtime.platform import Platform
+from agentbus.settings import AgentConfig, Settings
+from agentbus.store import EventStore
+from agentbus.workers.autoreply import AutoReply
+from agentbus.workers.runs import RunWorker
+
+AGENTS = {"echo": AgentConfig(executor="echo", options={"word_delay": 0})}
+
+
+@dataclass
+class Api:
+    client: httpx.AsyncClient
+    system: str
+    store: EventStore
+    engine: AsyncEngine
+
+    async def call(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> Any:
+        headers = dict(kwargs.pop("headers", {}))
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return await self.client.request(method, path, headers=headers, **kwargs)
+
+    async def workspace(self, ws: str) -> str:
+        """Create workspace `ws`; returns an owner key of it."""
+        created = await self.call(
+            "POST", "/v1/workspaces", self.system, json={"id": ws, "display_name": ws.title()}
+        )
+        assert created.status_code == 202, created.text
+        issued = await self.call(
+            "POST",
+            f"/v1/workspaces/{ws}/api-keys",
+            self.system,
+            json={"name": "owner", "role": "owner"},
+        )
+        assert issued.status_code == 201, issued.text
+        return str(issued.json()["key"])
+
+    async def key(self, ws: str, owner: str, role: str) -> str:
+        issued = await self.call(
+            "POST", f"/v1/workspaces/{ws}/api-keys", owner, json={"name": role, "role": role}
+        )
+        assert issued.status_code == 201, issued.text
+        return str(issued.json()["key"])
+
+
+@pytest.fixture
+async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api]:
+    store = private_store
+    await upgrade(database_url)
+    engine = create_engine(database_url)
+    settings = Settings(agents=AGENTS)
+    platform = Platform(settings, "nats://private", database_url, store._nc, store, engine)
+    app = create_app(platform, rate=1000, burst=1000)
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(
+            Projector(
+                all_projections(), store, engine, RuntimeOptions(lock_poll=0.2, scan_interval=0.2)
+            ).run(stop)
+        ),
+        asyncio.create_task(RunWorker(store, store._nc, AGENTS, lease=5).run(stop)),
+        asyncio.create_task(AutoReply(store, store._nc, AGENTS).run(stop)),
+    ]
+    key = await bootstrap(store._nc, store)
+    assert key is not None
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://agentbus.test"
+            ) as client,
+        ):
+            yield Api(client, key.token, store, engine)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await engine.dispose()
+
+
+def problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["detail"]
+    return body
+
+
+# ---------------------------------------------------------------------------- identity
+
+
+async def test_authentication_is_required_and_explained(api: Api) -> None:
+    problem(await api.call("GET", "/v1/me"), 401)
+    assert "malformed" in problem(await api.call("GET", "/v1/me", "nonsense"), 401)["detail"]
+    assert "unknown" in problem(await api.call("GET", "/v1/me", "ab_zzzz_secret"), 401)["detail"]
+    me = (await api.call("GET", "/v1/me", api.system)).json()
+    assert me["kind"] == "apikey"
+    assert me["workspace"] is None
+
+
+async def test_workspaces_keys_and_roles(api: Api) -> None:
+    owner = await api.workspace("acme")
+    info = (await api.call("GET", "/v1/workspaces/acme", owner)).json()
+    assert (info["id"], info["your_role"]) == ("acme", "owner")
+    # only system keys create workspaces
+    problem(
+        await api.call("POST", "/v1/workspaces", owner, json={"id": "other", "display_name": "x"}),
+        403,
+    )
+    problem(
+        await api.call(
+            "POST", "/v1/workspaces", api.system, json={"id": "_sneaky", "display_name": "x"}
+        ),
+        422,
+    )
+    viewer = await api.key("acme", owner, "viewer")
+    problem(await api.call("POST", "/v1/workspaces/acme/sessions", viewer, json={}), 403)
+    assert (await api.call("GET", "/v1/workspaces/acme/sessions", viewer)).status_code == 200
+    admin = await api.key("acme", owner, "admin")
+    problem(
+        await api.call(
+            "POST", "/v1/workspaces/acme/api-keys", admin, json={"name": "x", "role": "owner"}
+        ),
+        403,
+    )
+
+
+async def test_a_revoked_key_is_refused_on_its_next_request(api: Api) -> None:
+    owner = await api.workspace("acme")
+    member = await api.key("acme", owner, "member")
+    assert (await api.call("GET", "/v1/workspaces/acme/sessions", member)).status_code == 200
+    key_id = member.split("_")[1]
+    revoked = await api.call("DELETE", f"/v1/workspaces/acme/api-keys/{key_id}", owner)
+    assert revoked.status_code == 202
+    assert (
+        "revoked"
+        in problem(await api.call("GET", "/v1/workspaces/acme/sessions", member), 401)["detail"]
+    )
+
+
+async def test_password_login_cookie_and_disabled_user(api: Api) -> None:
+    owner = await api.workspace("acme")
+    created = await api.call(
+        "POST",
+        "/v1/users",
+        api.system,
+        json={"id": "ada", "display_name": "Ada", "password": "s3cret-pw"},
+    )
+    assert created.status_code == 202
+    assert (
+        await api.call("PUT", "/v1/workspaces/acme/members/ada", owner, json={"role": "member"})
+    ).status_code == 202
+    problem(await api.client.post("/v1/auth/login", json={"user": "ada", "password": "wrong"}), 401)
+    login = await api.client.post("/v1/auth/login", json={"user": "ada", "password": "s3cret-pw"})
+    assert login.status_code == 204
+    cookie = login.headers["set-cookie"]
+    assert "HttpOnly" in cookie
+    assert "SameSite=lax" in cookie or "samesite=lax" in cookie.lower()
+    assert "agentbus_session=" in cookie
+    sessions = await api.client.get("/v1/workspaces/acme/sessions")  # cookie jar sends it
+    assert sessions.status_code == 200
+    # not a member of another workspace: 404, not 403
+    await api.workspace("other")
+    problem(await api.client.get("/v1/workspaces/other/sessions"), 404)
+    disabled = await api.call("POST", "/v1/users/ada/disable", api.system)
+    assert disabled.status_code == 202
+    assert (
+        "disabled" in problem(await api.client.get("/v1/workspaces/acme/sessions"), 401)["detail"]
+    )
+    assert (await api.call("POST", "/v1/users/ada/enable", api.system)).status_code == 202
+    assert (await api.client.get("/v1/workspaces/acme/sessions")).status_code == 200
+
+
+# ---------------------------------------------------------------------------- resources
+
+
+async def test_sessions_messages_and_the_echo_reply(api: Api) -> None:
+    owner = await api.workspace("acme")
+    opened = await api.call(
+        "POST",
+        "/v1/workspaces/acme/sessions",
+        owner,
+        json={"id": "s1", "agent": "echo", "title": "Hi"},
+    )
+    assert opened.status_code == 202
+    position = opened.json()["position"]
+    got = await api.call("GET", f"/v1/workspaces/acme/sessions/s1?min_position={position}", owner)
+    assert got.status_code == 200
+    assert (got.json()["agent"], got.json()["status"]) == ("echo", "open")
+    posted = await api.call(
+        "POST",
+        "/v1/workspaces/acme/sessions/s1/messages",
+        owner,
+        json={"text": "hello api"},
+        headers={"Idempotency-Key": "k1"},
+    )
+    assert posted.status_code == 202
+    first = posted.json()
+    assert first["run_id"] is not None
+    assert first["duplicate"] is False
+    again = await api.call(
+        "POST",
+        "/v1/workspaces/acme/sessions/s1/messages",
+        owner,
+        json={"text": "hello api"},
+        headers={"Idempotency-Key": "k1"},
+    )
+    assert again.json()["duplicate"] is True
+    assert (again.json()["id"], again.json()["position"]) == (first["id"], first["position"])
+    # the reply arrives through the run
+    for _ in range(100):
+        listed = await api.call("GET", "/v1/workspaces/acme/sessions/s1/messages", owner)
+        if len(listed.json()) == 2:
+            break
+        await asyncio.sleep(0.1)
+    texts = [(m["direction"], m["text"]) for m in listed.json()]
+    assert texts == [("in", "hello api"), ("out", "echo: hello api")]
+    run = await api.call("GET", f"/v1/workspaces/acme/runs/{first['run_id']}", owner)
+    assert run.json()["status"] == "succeeded"
+    closed = await api.call("POST", "/v1/workspaces/acme/sessions/s1/close", owner)
+    assert closed.status_code == 202
+    problem(
+        await api.call(
+            "POST", "/v1/workspaces/acme/sessions/s1/messages", owner, json={"text": "late"}
+        ),
+        409,
+    )
+    problem(await api.call("GET", "/v1/workspaces/acme/sessions/nope", owner), 404)
+    problem(
+        await api.call(
+            "POST", "/v1/workspaces/acme/sessions/nope/messages", owner, json={"text": "x"}
+        ),
+        404,
+    )
+
+
+async def test_session_pagination(api: Api) -> None:
+    owner = await api.workspace("acme")
+    last = 0
+    for n in range(5):
+        opened = await api.call("POST", "/v1/workspaces/acme/sessions", owner, json={"id": f"p{n}"})
+        last = opened.json()["position"]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = f"limit=2&min_position={last}" + (f"&cursor={cursor}" if cursor else "")
+        page = (await api.call("GET", f"/v1/workspaces/acme/sessions?{query}", owner)).json()
+        seen += [s["id"] for s in page["sessions"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == [f"p{n}" for n in range(5)]
+    assert len(seen) == 5
+    problem(await api.call("GET", "/v1/workspaces/acme/sessions?cursor=garbage", owner), 400)
+    problem(await api.call("GET", "/v1/workspaces/acme/sessions?limit=500", owner), 422)
+
+
+async def test_runs_create_get_cancel(api: Api) -> None:
+    owner = await api.workspace("acme")
+    created = await api.call(
+        "POST",
+        "/v1/workspaces/acme/runs",
+        owner,
+        json={"id": "run1", "agent": "echo", "input": "ping pong"},
+    )
+    assert created.status_code == 202
+    for _ in range(100):
+        got = await api.call("GET", "/v1/workspaces/acme/runs/run1", owner)
+        if got.status_code == 200 and got.json()["status"] == "succeeded":
+            break
+        await asyncio.sleep(0.1)
+    assert got.json()["output"] == "echo: ping pong"
+    assert (got.json()["tokens_in"], got.json()["tokens_out"]) == (2, 3)
+    problem(await api.call("POST", "/v1/workspaces/acme/runs/run1/cancel", owner), 409)
+    problem(await api.call("POST", "/v1/workspaces/acme/runs/ghost/cancel", owner), 404)
+    problem(
+        await api.call(
+            "POST", "/v1/workspaces/acme/runs", owner, json={"agent": "nobody", "input": "x"}
+        ),
+        404,
+    )
+    listed = (await api.call("GET", "/v1/workspaces/acme/runs", owner)).json()
+    assert [r["id"] for r in listed["runs"]] == ["run1"]
+
+
+async def test_event_history_for_auditors(api: Api) -> None:
+    owner = await api.workspace("acme")
+    auditor = await api.key("acme", owner, "auditor")
+    viewer = await api.key("acme", owner, "viewer")
+    for n in range(3):
+        await api.call("POST", "/v1/workspaces/acme/sessions", owner, json={"id": f"h{n}"})
+    page = (await api.call("GET", "/v1/workspaces/acme/events?limit=2", auditor)).json()
+    assert len(page["events"]) == 2
+    assert all(e["workspace"] == "acme" for e in page["events"])
+    rest = (
+        await api.call("GET", f"/v1/workspaces/acme/events?after={page['next_after']}", auditor)
+    ).json()
+    types = [e["type"] for e in page["events"] + rest["events"]]
+    assert types.count("agentbus.session.opened.v1") == 3
+    only = (
+        await api.call(
+            "GET", "/v1/workspaces/acme/events?types=agentbus.session.opened.v1", auditor
+        )
+    ).json()
+    assert {e["type"] for e in only["events"]} == {"agentbus.session.opened.v1"}
+    problem(await api.call("GET", "/v1/workspaces/acme/events", viewer), 403)
+
+
+# ---------------------------------------------------------------------------- isolation
+
+
+async def test_other_workspaces_answer_404_and_never_data(api: Api) -> None:
+    acme = await api.workspace("acme")
+    globex = await api.workspace("globex")
+    await api.call("POST", "/v1/workspaces/acme/sessions", acme, json={"id": "secret"})
+    await api.call(
+        "POST",
+        "/v1/workspaces/acme/runs",
+        acme,
+        json={"id": "acme-run", "agent": "echo", "input": "x"},
+    )
+    attempts = [
+        ("GET", "/v1/workspaces/acme/sessions"),
+        ("GET", "/v1/workspaces/acme/sessions/secret"),
+        ("GET", "/v1/workspaces/acme/sessions/secret/messages"),
+        ("POST", "/v1/workspaces/acme/sessions/secret/messages"),
+        ("GET", "/v1/workspaces/acme/runs/acme-run"),
+        ("POST", "/v1/workspaces/acme/runs/acme-run/cancel"),
+        ("GET", "/v1/workspaces/acme/events"),
+        ("GET", "/v1/workspaces/acme"),
+        ("DELETE", f"/v1/workspaces/acme/api-keys/{acme.split('_')[1]}"),
+    ]
+    for method, path in attempts:
+        response = await api.call(method, path, globex, json={"text": "x"})
+        body = problem(response, 404)
+        assert "secret" not in response.text
+        assert body["title"] == "NotVisible"
+    # another workspace's ids through one's own path: not found either
+    problem(await api.call("GET", "/v1/workspaces/globex/sessions/secret", globex), 404)
+    problem(await api.call("GET", "/v1/workspaces/globex/runs/acme-run", globex), 404)
+    problem(
+        await api.call("DELETE", f"/v1/workspaces/globex/api-keys/{acme.split('_')[1]}", globex),
+        404,
+    )
+    # and its events never show in this workspace's history
+    history = (await api.call("GET", "/v1/workspaces/globex/events", globex)).json()
+    assert all(e["workspace"] == "globex" for e in history["events"])
+
+
+async def test_row_level_security_hides_other_workspaces(api: Api) -> None:
+    owner = await api.workspace("acme")
+    opened = await api.call("POST", "/v1/workspaces/acme/sessions", owner, json={"id": "rls"})
+    position = opened.json()["position"]
+    await api.call("GET", f"/v1/workspaces/acme/sessions/rls?min_position={position}", owner)
+    async with workspace_scope(api.engine, "acme") as connection:
+        mine = await connection.scalar(text("SELECT count(*) FROM sessions"))  # no WHERE at all
+    async with workspace_scope(api.engine, "globex") as connection:
+        theirs = await connection.scalar(text("SELECT count(*) FROM sessions"))
+        messages = await connection.scalar(text("SELECT count(*) FROM messages"))
+    assert mine == 1
+    assert theirs == 0
+    assert messages == 0
+    async with api.engine.connect() as connection:
+        bypass = await connection.scalar(
+            text("SELECT rolbypassrls OR rolsuper FROM pg_roles WHERE rolname = 'agentbus_reader'")
+        )
+    assert bypass is False
+
+
+# ---------------------------------------------------------------------------- limits
+
+
+async def test_limits_answer_clearly(api: Api) -> None:
+    owner = await api.workspace("acme")
+    await api.call("POST", "/v1/workspaces/acme/sessions", owner, json={"id": "big"})
+    too_long = await api.call(
+        "POST", "/v1/workspaces/acme/sessions/big/messages", owner, json={"text": "x" * 40_000}
+    )
+    assert "text" in problem(too_long, 422)["detail"]
+    huge = await api.call(
+        "POST",
+        "/v1/workspaces/acme/sessions/big/messages",
+        owner,
+        content=b"{" + b" " * 300_000 + b"}",
+        headers={"content-type": "application/json"},
+    )
+    problem(huge, 413)
+    extra = await api.call(
+        "POST", "/v1/workspaces/acme/sessions", owner, json={"id": "x", "colour": "red"}
+    )
+    assert "colour" in problem(extra, 422)["detail"]
+    bad_id = await api.call("GET", "/v1/workspaces/acme/sessions/a.b", owner)
+    problem(bad_id, 422)
+
+
+async def test_rate_limit_answers_429_with_retry_after(
+    private_store: EventStore, database_url: str
+) -> None:
+    await upgrade(database_url)
+    engine = create_engine(database_url)
+    platform = Platform(
+        Settings(agents=AGENTS), "nats://x", database_url, private_store._nc, private_store, engine
+    )
+    app = create_app(platform, rate=0.5, burst=2)
+    key = await bootstrap(private_store._nc, private_store)
+    assert key is not None
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://agentbus.test"
+            ) as client,
+        ):
+            headers = {"Authorization": f"Bearer {key.token}"}
+            statuses = [(await client.get("/v1/me", headers=headers)) for _ in range(3)]
+    finally:
+        await engine.dispose()
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    assert int(statuses[2].headers["retry-after"]) >= 1
+    assert statuses[2].headers["content-type"].startswith("application/problem+json")
+
+
+async def test_openapi_document(api: Api) -> None:
+    document = (await api.client.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.1")
+    for path in (
+        "/v1/workspaces/{ws}/sessions",
+        "/v1/workspaces/{ws}/sessions/{sid}/messages",
+        "/v1/workspaces/{ws}/runs",
+        "/v1/workspaces/{ws}/events",
+        "/v1/auth/login",
+    ):
+        assert path in document["paths"]
+
+
+async def test_a_run_in_an_exhausted_workspace_is_refused_with_402(api: Api) -> None:
+    owner = await api.workspace("broke")
+    await set_budget(api.store, "broke", limit_tokens=10, period="monthly", by="test")
+    refused = await api.call(
+        "POST", "/v1/workspaces/broke/runs", owner, json={"agent": "echo", "input": "x"}
+    )
+    assert "budget" in problem(refused, 402)["detail"]
