@@ -13,8 +13,15 @@ import asyncpg
 import httpx
 import pytest
 
+from agentbus.domain.handling import load
+from agentbus.domain.identity import API_KEY, USER
+from agentbus.domain.workspace import WORKSPACE
+from agentbus.events import AggregateRef
+from agentbus.events.catalog import default_registry
 from agentbus.runtime.embedded import EmbeddedNats
+from agentbus.store import EventStore
 
+from .conftest import connect
 from .test_up import free_port
 
 
@@ -163,4 +170,50 @@ async def test_serve_gateway_against_external_servers(tmp_path: Path, database_u
     finally:
         if process is not None and process.poll() is None:
             process.kill()
+        server.stop()
+
+
+async def test_admin_commands(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path / "nats", port=0)
+    server.start()
+    env = {"AGENTBUS_NATS_URL": server.url}
+    try:
+        assert cli("streams", "apply", env=env).returncode == 0
+        init = cli("admin", "init", env=env)
+        assert init.returncode == 0, init.stderr
+        assert "ab_" in init.stdout
+        assert "already bootstrapped" in cli("admin", "init", env=env).stdout
+        assert (
+            cli("admin", "user", "create", "ada", "--password", "long-enough", env=env).returncode
+            == 0
+        )
+        short = cli("admin", "user", "create", "bob", "--password", "short", env=env)
+        assert short.returncode == 2
+        created = cli("admin", "workspace", "create", "acme", "--owner", "ada", env=env)
+        assert created.returncode == 0, created.stderr
+        bad = cli("admin", "workspace", "create", "Not_Valid!", env=env)
+        assert bad.returncode == 1
+        assert "workspace id" in bad.stderr
+        issued = cli("admin", "apikey", "issue", "acme", "--role", "viewer", env=env)
+        key_id = issued.stdout.split("API key ")[1].split(" ")[0]
+        assert cli("admin", "apikey", "revoke", key_id, env=env).returncode == 0
+        assert cli("admin", "user", "disable", "ada", env=env).returncode == 0
+        assert (
+            cli(
+                "admin", "budget", "set", "acme", "--tokens", "5000", "--period", "daily", env=env
+            ).returncode
+            == 0
+        )
+        client = await connect(server.url)
+        try:
+            store = EventStore(client, default_registry())
+            workspace, _ = await load(store, WORKSPACE, AggregateRef("acme", "workspace", "acme"))
+            user, _ = await load(store, USER, AggregateRef("_system", "user", "ada"))
+            key, _ = await load(store, API_KEY, AggregateRef("_system", "apikey", key_id))
+        finally:
+            await client.close()
+        assert workspace.members == {"ada": "owner"}
+        assert user.disabled
+        assert (key.workspace, key.role, key.revoked) == ("acme", "viewer", True)
+    finally:
         server.stop()

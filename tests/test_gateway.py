@@ -463,3 +463,27 @@ async def test_a_run_in_an_exhausted_workspace_is_refused_with_402(api: Api) -> 
         "POST", "/v1/workspaces/broke/runs", owner, json={"agent": "echo", "input": "x"}
     )
     assert "budget" in problem(refused, 402)["detail"]
+
+
+async def test_budget_endpoints(api: Api) -> None:
+    owner = await api.workspace("acme")
+    viewer = await api.key("acme", owner, "viewer")
+    problem(
+        await api.call("PUT", "/v1/workspaces/acme/budget", viewer, json={"limit_tokens": 100}), 403
+    )
+    put = await api.call(
+        "PUT",
+        "/v1/workspaces/acme/budget",
+        owner,
+        json={"limit_tokens": 1000, "period": "daily", "alert_at": 0.8},
+    )
+    assert put.status_code == 202
+    position = put.json()["position"]
+    got = await api.call("GET", f"/v1/workspaces/acme/budget?min_position={position}", viewer)
+    assert got.status_code == 200
+    [current] = got.json()
+    assert (current["limit_tokens"], current["used"], current["balance"]) == (1000, 0, 1000)
+    assert current["exhausted"] is False
+    problem(
+        await api.call("PUT", "/v1/workspaces/acme/budget", owner, json={"limit_tokens": -1}), 422
+    )

@@ -131,9 +131,14 @@ async def test_up_serves_keeps_events_across_restarts_and_leaves_no_process(up: 
     code, stderr = up.stop(signal.SIGTERM)
     assert code == 0, stderr
     assert "agentbus stopped" in stderr
+    assert "system API key (shown once" in stderr
+    key = next(line.strip() for line in stderr.splitlines() if line.strip().startswith("ab_"))
     assert processes_using(up.data_dir) == []
 
     up.start()  # same data dir, same ports
+    me = httpx.get(f"{up.base}/v1/me", headers={"Authorization": f"Bearer {key}"})
+    assert me.status_code == 200
+    assert me.json()["kind"] == "apikey"
     client = await connect(f"nats://127.0.0.1:{up.nats_port}")
     try:
         history = await EventStore(client, default_registry()).load(ref)
@@ -143,6 +148,7 @@ async def test_up_serves_keeps_events_across_restarts_and_leaves_no_process(up: 
 
     code, stderr = up.stop(signal.SIGINT)  # Ctrl-C
     assert code == 0, stderr
+    assert "system API key" not in stderr  # printed once, on the first start only
     assert processes_using(up.data_dir) == []
 
 

@@ -43,7 +43,9 @@ admin_user_app = typer.Typer(help="Users (password login).", no_args_is_help=Tru
 admin_key_app = typer.Typer(help="API keys.", no_args_is_help=True)
 admin_app.add_typer(admin_workspace_app, name="workspace")
 admin_app.add_typer(admin_user_app, name="user")
+admin_budget_app = typer.Typer(help="Token budgets (hard limits).", no_args_is_help=True)
 admin_app.add_typer(admin_key_app, name="apikey")
+admin_app.add_typer(admin_budget_app, name="budget")
 app.add_typer(admin_app, name="admin")
 app.add_typer(projections_app, name="projections")
 app.add_typer(streams_app, name="streams")
@@ -816,6 +818,39 @@ def admin_key_revoke(
 
     _admin(lambda store: revoke_key(store, key_id, reason))
     out.print(f"API key {key_id} revoked")
+
+
+@admin_budget_app.command("set")
+def admin_budget_set(
+    workspace: Annotated[str, typer.Argument()],
+    tokens: Annotated[int, typer.Option(help="Tokens per period (a hard limit).")],
+    period: Annotated[str, typer.Option(help="none, daily or monthly (UTC).")] = "monthly",
+    alert_at: Annotated[
+        float | None, typer.Option(help="Fraction of the limit that raises an alert.")
+    ] = None,
+    agent: Annotated[str | None, typer.Option(help="Budget of one agent instead.")] = None,
+) -> None:
+    """Set a workspace's (or one agent's) token budget."""
+    from agentbus.cli.admin import actor
+    from agentbus.domain.budget import set_budget
+
+    if period not in ("none", "daily", "monthly"):
+        raise typer.BadParameter(f"unknown period {period!r}: none, daily or monthly")
+    if tokens < 0:
+        raise typer.BadParameter("tokens must be >= 0")
+    _admin(
+        lambda store: set_budget(
+            store,
+            workspace,
+            limit_tokens=tokens,
+            period=period,  # type: ignore[arg-type]
+            by=actor(),
+            alert_at=alert_at,
+            agent=agent,
+        )
+    )
+    scope = f"agent {agent}" if agent else "workspace"
+    out.print(f"{workspace}: {scope} budget {tokens:,} tokens per {period} period")
 
 
 # --------------------------------------------------------------------------- schemas
