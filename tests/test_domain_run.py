@@ -120,6 +120,12 @@ LEGAL: list[tuple[str, list[DomainEvent], RunCommand, list[DomainEvent]]] = [
     ("time out running", [QUEUED, STARTED], TimeOut(T0), [RunTimedOut(attempt=1)]),
     ("ask approval", [QUEUED, STARTED], RequestApproval(1, "a1", "shell"), [WAITING]),
     (
+        "take over a run whose worker died waiting for approval",
+        [QUEUED, STARTED, WAITING],
+        StartRun("w2", T0),
+        [RunStarted(attempt=2, worker="w2")],
+    ),
+    (
         "resume",
         [QUEUED, STARTED, WAITING],
         Resume("a1", "granted"),
@@ -175,13 +181,6 @@ ILLEGAL: list[tuple[str, list[DomainEvent], RunCommand, type[DomainError], str]]
         StartRun("w", T0),
         IllegalRunTransition,
         "retry is due",
-    ),
-    (
-        "start while waiting for approval",
-        [QUEUED, STARTED, WAITING],
-        StartRun("w", T0),
-        IllegalRunTransition,
-        "waiting_approval",
     ),
     (
         "resume the wrong approval",

@@ -198,6 +198,43 @@ EXAMPLE_DATA: dict[str, dict[str, Any]] = {
         "alert_at": 0.8,
     },
     "agentbus.budget.exhausted.v1": {"period": "2026-11", "used": 10_000, "limit_tokens": 10_000},
+    "agentbus.approval.requested.v1": {
+        "run_id": "r1",
+        "attempt": 1,
+        "session_id": "s1",
+        "tool": "shell",
+        "arguments_digest": "a" * 64,
+        "arguments_preview": '{"command":"ls"}',
+        "reason": "list the files",
+        "expires_at": "2026-01-01T01:00:00Z",
+        "requested_by": "agent:helper",
+    },
+    "agentbus.approval.granted.v1": {
+        "by": "user:ada",
+        "reason": "fine",
+        "jti": "Zx3c9Qk1",
+        "rule": None,
+    },
+    "agentbus.approval.denied.v1": {
+        "by": "rule:no-rm-rf",
+        "reason": "destructive",
+        "jti": None,
+        "rule": "no-rm-rf",
+    },
+    "agentbus.approval.expired.v1": {"expires_at": "2026-01-01T01:00:00Z"},
+    "agentbus.approval_rules.set.v1": {
+        "rules": [
+            {
+                "name": "no-rm-rf",
+                "tool": "shell",
+                "arguments": [{"key": "command", "pattern": "\\brm\\s+-[a-z]*r"}],
+                "effect": "deny",
+                "reason": "destructive",
+            },
+            {"name": "reads", "tool": "fs_read*", "arguments": [], "effect": "allow"},
+        ],
+        "by": "user:ada",
+    },
 }
 
 
@@ -672,6 +709,11 @@ def validate(instance: Any, schema: Any, root: Any = None, at: str = "") -> list
             if isinstance(instance, list):
                 for i, item in enumerate(instance):
                     errors += validate(item, value, root, f"{at}/{i}")
+        elif key in ("minItems", "maxItems"):
+            if isinstance(instance, list):
+                ok = len(instance) >= value if key == "minItems" else len(instance) <= value
+                if not ok:
+                    errors.append(f"{at}: {key} {value}")
         else:
             raise AssertionError(f"test validator does not know keyword {key!r}; extend it")
     return errors

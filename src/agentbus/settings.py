@@ -24,6 +24,12 @@ class AgentConfig(BaseModel):
         description="Most tokens (in + out) one model call may use: reserved from the budget "
         "before each call (one call per attempt).",
     )
+    approval_timeout: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds a tool call waits for a person's approval before it expires "
+        "(never past the run's own timeout).",
+    )
 
 
 class Settings(BaseSettings):
@@ -76,6 +82,21 @@ class Settings(BaseSettings):
     )
     run_lease: float = Field(
         default=30.0, gt=0, description="Seconds a worker holds a run without renewing."
+    )
+    sse_ping_interval: float = Field(
+        default=15.0, gt=0, description="Seconds between SSE `: ping` comments while idle."
+    )
+    sse_retry_ms: int = Field(
+        default=3000, ge=0, description="The SSE `retry:` sent on connect (milliseconds)."
+    )
+    sse_buffer_events: int = Field(
+        default=1000,
+        ge=2,
+        description="Events an SSE connection may hold unwritten; past it the client is too "
+        "slow and is disconnected (it resumes from its cursor).",
+    )
+    sse_buffer_bytes: int = Field(
+        default=1024 * 1024, ge=4096, description="The same bound in bytes of event data."
     )
 
     @field_validator("nats_url", "database_url", mode="before")

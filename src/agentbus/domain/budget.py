@@ -47,6 +47,9 @@ from agentbus.store.eventstore import EventStore
 
 CLOSED_MEMORY = 256
 """Recently settled/released reservation ids remembered, so a repeated command is a no-op."""
+MAX_LIMIT_TOKENS = 2**53 - 1
+"""The largest limit: exact in every JSON client, and within the read model's bigint (and
+orjson's 64 bits: a larger one could not even be encoded as an event)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,8 +411,10 @@ def decide(command: BudgetCommand, state: BudgetState) -> list[DomainEvent]:
 
 
 def _set(command: SetBudget, state: BudgetState) -> list[DomainEvent]:
-    if command.limit_tokens < 0:
-        raise InvalidBudget(f"limit_tokens must be >= 0, got {command.limit_tokens}")
+    if not 0 <= command.limit_tokens <= MAX_LIMIT_TOKENS:
+        raise InvalidBudget(
+            f"limit_tokens must be within 0..{MAX_LIMIT_TOKENS}, got {command.limit_tokens}"
+        )
     if command.alert_at is not None and not 0 < command.alert_at <= 1:
         raise InvalidBudget(
             f"alert_at is a fraction of the limit in (0, 1], not {command.alert_at}"

@@ -4,8 +4,9 @@
            -> succeeded | failed | cancelled | timed_out
     failed but retryable with attempts left -> retry_scheduled(attempt + 1, at) -> started ...
 
-A worker that dies mid-run is taken over: the next `StartRun` on a running run starts a new
-attempt. Read top to bottom: events (in agentbus.events.run), state, evolve, commands, decide.
+A worker that dies mid-run is taken over: the next `StartRun` on a running run (or on one
+waiting for approval: its worker was waiting) starts a new attempt. Read top to bottom: events
+(in agentbus.events.run), state, evolve, commands, decide.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ def decide(command: RunCommand, state: RunState) -> list[DomainEvent]:
             ]
         case StartRun():
             _require_exists(state, "start")
-            if state.finished or state.status == "waiting_approval":
+            if state.finished:
                 raise IllegalRunTransition("start", state)
             if state.deadline_at is not None and command.now >= state.deadline_at:
                 return [RunTimedOut(attempt=state.attempt)]

@@ -5,6 +5,13 @@ Add a new event model here; add an `Upcaster` here when a type gets a new versio
 
 from __future__ import annotations
 
+from agentbus.events.approval import (
+    ApprovalDenied,
+    ApprovalExpired,
+    ApprovalGranted,
+    ApprovalRequested,
+    ApprovalRulesSet,
+)
 from agentbus.events.budget import (
     BudgetAlerted,
     BudgetExhausted,
@@ -88,6 +95,11 @@ EVENT_MODELS: tuple[type[DomainEvent], ...] = (
     ReservationReleased,
     BudgetAlerted,
     BudgetExhausted,
+    ApprovalRequested,
+    ApprovalGranted,
+    ApprovalDenied,
+    ApprovalExpired,
+    ApprovalRulesSet,
 )
 
 UPCASTERS: tuple[Upcaster, ...] = ()

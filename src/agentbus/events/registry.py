@@ -10,6 +10,7 @@ version n+1, and the registry chains them up to the model it knows.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -42,12 +43,19 @@ class EventKind:
 
     @classmethod
     def parse(cls, type_string: str) -> EventKind:
-        match = _TYPE.fullmatch(type_string)
-        if match is None:
-            raise UnknownEventType(
-                f"{type_string!r} is not an agentbus event type (agentbus.<aggregate>.<name>.v<n>)"
-            )
-        return cls(match[1], match[2], int(match[3]))
+        return _parse_kind(type_string)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_kind(type_string: str) -> EventKind:
+    """`EventKind.parse`, cached: a pure function of an immutable string, called for every
+    event read. Malformed strings raise (exceptions are not cached); the cache is bounded."""
+    match = _TYPE.fullmatch(type_string)
+    if match is None:
+        raise UnknownEventType(
+            f"{type_string!r} is not an agentbus event type (agentbus.<aggregate>.<name>.v<n>)"
+        )
+    return EventKind(match[1], match[2], int(match[3]))
 
 
 class DomainEvent(BaseModel):

@@ -40,6 +40,29 @@ class RunRequest:
     """The agent's executor options (model, URL, command, ...)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ApprovalDecision:
+    """The answer to `RunOutput.request_approval`: may the tool call go ahead?"""
+
+    approval_id: str
+    decision: Literal["granted", "denied", "expired"]
+    by: str | None = None
+    """Who decided: a person (`apikey:...`, `user:...`, a chat author) or `rule:<name>`."""
+    reason: str | None = None
+    rule: str | None = None
+
+    @property
+    def granted(self) -> bool:
+        return self.decision == "granted"
+
+    def explain(self) -> str:
+        """Why, in words an agent (or a person) can be told: `denied by ada: too risky`."""
+        if self.decision == "expired":
+            return f"nobody approved it in time ({self.reason})" if self.reason else "expired"
+        why = f": {self.reason}" if self.reason else ""
+        return f"{self.decision} by {self.by}{why}"
+
+
 class RunOutput(Protocol):
     """Where an executor streams to while it runs (the LIVE stream, coalesced)."""
 
@@ -51,6 +74,15 @@ class RunOutput(Protocol):
 
     async def usage(self, model: str, tokens_in: int, tokens_out: int) -> None:
         """Tokens spent (recorded durably on the run)."""
+
+    async def request_approval(
+        self, tool: str, arguments: Mapping[str, Any], reason: str | None
+    ) -> ApprovalDecision:
+        """Ask before calling `tool` with `arguments` (a JSON object). The workspace's rules
+        may decide at once; otherwise the run waits (`waiting_approval`) until a person grants
+        or denies, or the approval expires. Only `granted` means go ahead; on anything else
+        tell the model why (`ApprovalDecision.explain`)."""
+        ...
 
 
 class ExecutorError(AgentbusError):

@@ -4,9 +4,11 @@ OpenAI itself, vLLM, llama.cpp, Ollama, LM Studio, LiteLLM, ... One request per 
 `stream: true` and `stream_options: {"include_usage": true}`. Content deltas go to the live
 output as they arrive; each tool call the model makes is reported once, complete, as
 `progress("tool_call", {"id", "name", "arguments"})` (`arguments`: the JSON text the model
-wrote). Token usage is recorded from the final usage chunk; a server that sends none records
-none (nothing is estimated). A server that ignores `stream` and answers with one JSON
-completion is read as well.
+wrote); a call whose tool name matches an `approval_tools` pattern then goes through
+`request_approval` once the response is read, and its outcome is reported as
+`progress("tool_approval", ...)`. Token usage is recorded from the final usage chunk; a server
+that sends none records none (nothing is estimated). A server that ignores `stream` and answers
+with one JSON completion is read as well.
 
 Nothing is retried here: a failure is an `ExecutorError` and the run decides (see
 `agentbus.executors.http.transport_error` and `status_error` for the classes).
@@ -14,10 +16,12 @@ Nothing is retried here: a failure is an `ExecutorError` and the run decides (se
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentbus.executors.executor import ExecutorError, RunOutput, RunRequest
@@ -46,6 +50,11 @@ class OpenAIOptions(BaseModel):
     system: str | None = None
     timeout: float = Field(default=60.0, gt=0, description="Seconds to connect / between reads.")
     temperature: float | None = Field(default=None, ge=0, le=2)
+    approval_tools: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="glob patterns of tool names whose calls need approval (see approvals.md)",
+    )
 
 
 # The parts of a chunk (or of a whole completion) that are read; the rest is ignored.
@@ -109,7 +118,7 @@ class OpenAIExecutor:
         }
         if options.temperature is not None:
             body["temperature"] = options.temperature
-        reply = _Reply(output, options.model, redact(url))
+        reply = _Reply(output, options.model, redact(url), options.approval_tools)
         async with client_session(self._client) as client:
             try:
                 async with client.stream(
@@ -124,6 +133,7 @@ class OpenAIExecutor:
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise transport_error(exc, url) from exc
         await reply.record_usage()
+        await reply.ask_approvals()
         return reply.text
 
 
@@ -137,8 +147,12 @@ def _messages(options: OpenAIOptions, request: RunRequest) -> list[dict[str, str
 class _Reply:
     """What the model has said so far: its text, tool calls being assembled, its usage."""
 
-    def __init__(self, output: RunOutput, model: str, where: str) -> None:
+    def __init__(
+        self, output: RunOutput, model: str, where: str, approval_tools: list[str] | None = None
+    ) -> None:
         self._output = output
+        self._approval_tools = approval_tools or []
+        self._to_approve: list[tuple[str | None, str, str]] = []
         self._model = model
         self._where = where
         self._parts: list[str] = []
@@ -224,10 +238,42 @@ class _Reply:
         calls, self._calls = self._calls, {}
         for index in sorted(calls):
             call = calls[index]
+            arguments = "".join(call["arguments"])
             await self._output.progress(
-                "tool_call",
-                {"id": call["id"], "name": call["name"], "arguments": "".join(call["arguments"])},
+                "tool_call", {"id": call["id"], "name": call["name"], "arguments": arguments}
             )
+            if any(fnmatch.fnmatchcase(call["name"], p) for p in self._approval_tools):
+                self._to_approve.append((call["id"], call["name"], arguments))
+
+    async def ask_approvals(self) -> None:
+        """Ask approval for the tool calls that need it, once the response has been read
+        whole (a person may take long; the connection is not held open meanwhile)."""
+        calls, self._to_approve = self._to_approve, []
+        for call_id, name, arguments in calls:
+            await self._ask_approval(call_id, name, arguments)
+
+    async def _ask_approval(self, call_id: str | None, name: str, arguments: str) -> None:
+        """A tool call that needs approval: ask, and report the outcome (nothing executes
+        tools here; a caller acting on `tool_call` progress waits for `tool_approval`)."""
+        try:
+            parsed = orjson.loads(arguments) if arguments.strip() else {}
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            parsed = {"arguments": arguments}  # what the model wrote, approved as it is
+        decision = await self._output.request_approval(name, parsed, None)
+        await self._output.progress(
+            "tool_approval",
+            {
+                "id": call_id,
+                "name": name,
+                "approval_id": decision.approval_id,
+                "decision": decision.decision,
+                "by": decision.by,
+                "reason": decision.reason,
+                "explanation": decision.explain(),
+            },
+        )
 
 
 def _stream_error(error: dict[str, Any] | str, where: str) -> ExecutorError:

@@ -7,10 +7,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 
 from agentbus.gateway.auth import COOKIE, Identities, Permission, Principal
 from agentbus.gateway.limits import RateLimiter
+from agentbus.gateway.posting import SessionPosts
+from agentbus.queries.consistency import ensure_written
 from agentbus.runtime.platform import Platform
 
 
@@ -22,6 +24,14 @@ def platform(request: Request) -> Platform:
 def identities(request: Request) -> Identities:
     value: Identities = request.app.state.identities
     return value
+
+
+async def session_posts(request: Request) -> SessionPosts:
+    """The process's views of the sessions it posts into (made on first use)."""
+    posts: SessionPosts | None = getattr(request.app.state, "session_posts", None)
+    if posts is None:
+        posts = request.app.state.session_posts = SessionPosts(platform(request).store)
+    return posts
 
 
 async def caller(request: Request) -> Principal:
@@ -57,4 +67,30 @@ Reader = Annotated[Access, Depends(access("read"))]
 Writer = Annotated[Access, Depends(access("write"))]
 Admin = Annotated[Access, Depends(access("admin"))]
 Auditor = Annotated[Access, Depends(access("audit"))]
-PlatformDep = Annotated[Platform, Depends(platform)]
+
+
+async def _platform(request: Request) -> Platform:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per request
+    return platform(request)
+
+
+PlatformDep = Annotated[Platform, Depends(_platform)]
+SessionPostsDep = Annotated[SessionPosts, Depends(session_posts)]
+
+
+async def min_position(
+    request: Request,
+    min_position: Annotated[
+        int | None,
+        Query(ge=0, description="wait until the read model has applied this stream position"),
+    ] = None,
+) -> int | None:
+    """A query's `min_position`, refused at once (422) when the event history has not reached
+    it, rather than held for the whole wait and answered 504."""
+    if min_position:
+        await ensure_written(platform(request).store, min_position)
+    return min_position
+
+
+MinPosition = Annotated[int | None, Depends(min_position)]
+"""Read-your-writes: give it a default of None."""

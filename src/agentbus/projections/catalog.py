@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agentbus.projections.approvals import ApprovalsProjection
 from agentbus.projections.budgets import BudgetsProjection
 from agentbus.projections.projection import Projection
 from agentbus.projections.runs import RunsProjection
@@ -9,7 +10,7 @@ from agentbus.projections.sessions import SessionsProjection
 
 
 def all_projections() -> list[Projection]:
-    return [SessionsProjection(), RunsProjection(), BudgetsProjection()]
+    return [SessionsProjection(), RunsProjection(), BudgetsProjection(), ApprovalsProjection()]
 
 
 def projection_named(name: str, projections: list[Projection] | None = None) -> Projection:

@@ -31,10 +31,17 @@ from agentbus.store.eventstore import RecordedEvent
 
 @dataclass(frozen=True, slots=True)
 class Statement:
-    """One SQL statement of a projection, with `{table}` placeholders for its tables."""
+    """One SQL statement of a projection, with `{table}` placeholders for its tables.
+
+    `merge_on` (parameter indexes) and `merge` let the runtime fold the rows of one batch that
+    share those parameters into one row before executing: e.g. one counter update per session
+    per batch instead of one per message. `merge` must be associative and commutative (sums,
+    maxima), so the result does not depend on where batches are cut."""
 
     name: str
     sql: str
+    merge_on: tuple[int, ...] = ()
+    merge: Callable[[tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]] | None = None
 
     def row(self, *args: Any) -> Write:
         return Write(self, args)

@@ -394,7 +394,22 @@ async def execute_writes(
     for statement in projection.statements:
         rows = by_statement.get(statement.name)
         if rows:
+            if statement.merge is not None and len(rows) > 1:
+                rows = _merged(rows, statement.merge_on, statement.merge)
             await raw.executemany(sql[statement.name], rows)
+
+
+def _merged(
+    rows: list[tuple[Any, ...]],
+    key: tuple[int, ...],
+    merge: Callable[[tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]],
+) -> list[tuple[Any, ...]]:
+    """Rows sharing the `key` parameters folded into one (first-seen order kept)."""
+    folded: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for row in rows:
+        k = tuple(row[i] for i in key)
+        folded[k] = merge(folded[k], row) if k in folded else row
+    return list(folded.values())
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

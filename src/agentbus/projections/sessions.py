@@ -31,10 +31,13 @@ INSERT_MESSAGE = Statement(
 COUNT_MESSAGE = Statement(
     "count_message",
     """UPDATE {sessions}
-          SET message_count = message_count + 1,
+          SET message_count = message_count + $5,
               last_message_at = GREATEST(last_message_at, $3),
               position = GREATEST(position, $4)
         WHERE workspace = $1 AND id = $2""",
+    # One update per session per batch: counts add up, times and positions take the latest.
+    merge_on=(0, 1),
+    merge=lambda a, b: (a[0], a[1], max(a[2], b[2]), max(a[3], b[3]), a[4] + b[4]),
 )
 CLOSE_SESSION = Statement(
     "close_session",
@@ -63,7 +66,8 @@ class SessionsProjection(Projection):
                last_message_at timestamptz,
                message_count   integer     NOT NULL,
                position        bigint      NOT NULL,
-               PRIMARY KEY (workspace, id))""",
+               PRIMARY KEY (workspace, id))
+           WITH (fillfactor = 50)""",
         "CREATE INDEX ON {sessions} (workspace, created_at DESC, id)",
         """CREATE TABLE {messages} (
                workspace   text        NOT NULL,
@@ -80,6 +84,9 @@ class SessionsProjection(Projection):
         "CREATE INDEX ON {messages} (workspace, session_id, position)",
     )
     # Inserts first, then the updates that need the rows: see projection.py for the rule.
+    # `sessions` is updated once per message: fillfactor 50 leaves room on each page for
+    # HOT updates (no index churn, few dead tuples); measured ~2x faster catch-up
+    # (docs/benchmarks.md, scenario projection).
     statements: ClassVar[tuple[Statement, ...]] = (
         INSERT_SESSION,
         INSERT_MESSAGE,
@@ -137,4 +144,4 @@ class SessionsProjection(Projection):
             event.external_id if isinstance(event, MessageReceived) else None,
             event.run_id if isinstance(event, MessageSent) else None,
         )
-        yield COUNT_MESSAGE.row(ref.workspace, ref.id, recorded.time, recorded.position)
+        yield COUNT_MESSAGE.row(ref.workspace, ref.id, recorded.time, recorded.position, 1)

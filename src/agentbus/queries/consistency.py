@@ -8,7 +8,23 @@ import time
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentbus.errors import ProjectionTimeout
+from agentbus.errors import AgentbusError, ProjectionTimeout
+from agentbus.store.eventstore import EventStore
+
+
+class PositionNotWritten(AgentbusError):
+    """A position the event history has not reached: no write can have answered it, so
+    waiting for a read model to apply it could only time out."""
+
+
+async def ensure_written(store: EventStore, position: int) -> None:
+    """Refuse (`PositionNotWritten`) a position beyond the end of the event history. Every
+    position a command answered is in the stream by the time it was answered."""
+    last = await store.last_position()
+    if position > last:
+        raise PositionNotWritten(
+            f"position {position} is beyond the end of the event history ({last})"
+        )
 
 
 async def wait_for_position(

@@ -10,8 +10,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentbus.queries.consistency import wait_for_position
+from agentbus.queries.pagination import decode_cursor, encode_cursor
 from agentbus.queries.scope import workspace_scope
-from agentbus.queries.sessions import decode_cursor, encode_cursor
 
 PROJECTION = "runs"
 
@@ -98,5 +98,5 @@ async def list_runs(
         ]
     more = len(rows) > limit
     rows = rows[:limit]
-    following = encode_cursor("runs", rows[-1].queued_at.isoformat(), rows[-1].id) if more else None
+    following = encode_cursor("runs", rows[-1].queued_at, rows[-1].id) if more else None
     return rows, following

@@ -4,23 +4,17 @@ read-your-writes."""
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from datetime import datetime
 
-import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentbus.errors import AgentbusError
 from agentbus.queries.consistency import wait_for_position
+from agentbus.queries.pagination import decode_cursor, encode_cursor
 from agentbus.queries.scope import workspace_scope
 
 PROJECTION = "sessions"
-
-
-class BadCursor(AgentbusError):
-    """A pagination cursor that this server did not hand out (or for another listing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,25 +54,6 @@ _MESSAGE_COLUMNS = (
     "workspace, session_id, position, message_id, direction, author, text, created_at, "
     "external_id, run_id"
 )
-
-
-def encode_cursor(kind: str, *values: object) -> str:
-    raw = orjson.dumps([kind, *values], default=str)
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(kind: str, cursor: str) -> tuple[datetime, str]:
-    """The (time, id) a page cursor points after; `BadCursor` if it was not ours."""
-    try:
-        values = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, orjson.JSONDecodeError):
-        raise BadCursor("malformed cursor") from None
-    if not isinstance(values, list) or len(values) != 3 or values[0] != kind:
-        raise BadCursor("this cursor belongs to another listing")
-    try:
-        return datetime.fromisoformat(str(values[1])), str(values[2])
-    except ValueError:
-        raise BadCursor("malformed cursor") from None
 
 
 async def _consistent(engine: AsyncEngine, min_position: int | None, timeout: float) -> None:
@@ -135,9 +110,7 @@ async def list_sessions(
         ]
     more = len(rows) > limit
     rows = rows[:limit]
-    following = (
-        encode_cursor("sessions", rows[-1].created_at.isoformat(), rows[-1].id) if more else None
-    )
+    following = encode_cursor("sessions", rows[-1].created_at, rows[-1].id) if more else None
     return rows, following
 
 

@@ -11,10 +11,12 @@ import structlog
 import uvicorn
 
 from agentbus.gateway.app import create_app
+from agentbus.gateway.sse import end_streams
 from agentbus.projections.catalog import all_projections
 from agentbus.projections.runtime import Projector
 from agentbus.runtime.platform import Platform
 from agentbus.workers.autoreply import AutoReply
+from agentbus.workers.expiry import ApprovalExpiry
 from agentbus.workers.runs import RunWorker
 
 Role = Literal["gateway", "projector", "worker"]
@@ -70,6 +72,8 @@ async def run_roles(
         reactor = AutoReply(platform.store, platform.nc, settings.agents)
         tasks.append(asyncio.create_task(worker.run(stop), name="worker"))
         tasks.append(asyncio.create_task(reactor.run(stop), name="auto-reply"))
+        expiry = ApprovalExpiry(platform.store, platform.nc)
+        tasks.append(asyncio.create_task(expiry.run(stop), name="approval-expiry"))
 
     if server is not None:
         while not server.started:
@@ -84,6 +88,7 @@ async def run_roles(
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
     if server is not None:
+        end_streams(server.config.app)  # SSE clients reconnect elsewhere at once
         server.should_exit = True
     stopper.cancel()
     for task in tasks:

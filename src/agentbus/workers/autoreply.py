@@ -4,7 +4,8 @@ run's final output becomes the session's outbound message.
 The session decides (its concurrency policy: enqueue, interrupt, reject) and this reactor acts
 on each decision *as an event*, so a crash between two steps loses nothing on redelivery:
 
-- `message_received`      -> `AssignRun` on the session (run id derived from the message);
+- `message_received`      -> `AssignRun` on the session (run id derived from the message),
+  unless it is a chat command (`/approve <id>`, `/deny <id> <reason>`: see `chat_commands`);
 - `session.run_assigned`  -> `QueueRun` (the run starts now);
 - `session.run_interrupted` -> `Cancel` the interrupted run;
 - run `succeeded`         -> `SendMessage` (the reply), then `ReleaseRun`;
@@ -39,6 +40,7 @@ from agentbus.events.session import MessageReceived, RunAssigned, RunInterrupted
 from agentbus.events.subjects import AggregateRef
 from agentbus.settings import AgentConfig
 from agentbus.store.eventstore import EVENTS_STREAM, EventStore, RawEvent, RecordedEvent
+from agentbus.workers.chat_commands import answer_chat_command
 from agentbus.workers.queue import AUTO_REPLY, auto_reply_config, ensure_consumer
 
 log = structlog.get_logger("agentbus.autoreply")
@@ -99,6 +101,8 @@ class AutoReply:
         )
         match event:
             case MessageReceived():
+                if await answer_chat_command(self._store, recorded, context):
+                    return  # `/approve`, `/deny`: a decision, not a question for the agent
                 state, _ = await load(self._store, SESSION, recorded.ref)
                 if state.agent is None:
                     return

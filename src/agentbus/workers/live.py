@@ -21,6 +21,8 @@ from agentbus.domain.decider import DomainError
 from agentbus.domain.handling import Loaded
 from agentbus.domain.run import RecordUsage, RunCommand, RunState
 from agentbus.events.subjects import LIVE_PREFIX
+from agentbus.executors.executor import ApprovalDecision
+from agentbus.workers.approvals import ApprovalGate
 
 log = structlog.get_logger("agentbus.live")
 
@@ -35,8 +37,10 @@ class LiveOutput:
         attempt: int,
         *,
         coalesce: float = 0.05,
+        approvals: ApprovalGate | None = None,
     ) -> None:
         self._nc = nc
+        self._approvals = approvals
         self._loaded = run
         self._run = run.ref
         self._attempt = attempt
@@ -68,6 +72,15 @@ class LiveOutput:
             await self._loaded.handle(RecordUsage(self._attempt, model, tokens_in, tokens_out))
         except DomainError as exc:  # the run ended meanwhile (cancelled, taken over)
             log.info("usage not recorded", run=self._run.id, reason=str(exc))
+
+    async def request_approval(
+        self, tool: str, arguments: Mapping[str, Any], reason: str | None
+    ) -> ApprovalDecision:
+        """See `RunOutput.request_approval` and `agentbus.workers.approvals.ApprovalGate`."""
+        if self._approvals is None:
+            raise RuntimeError("this output was made without an approval gate")
+        await self.flush()
+        return await self._approvals.request(tool, arguments, reason, self.progress)
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self._coalesce)

@@ -43,6 +43,7 @@ from agentbus.executors.catalog import make_executor
 from agentbus.executors.executor import ChatTurn, Executor, ExecutorError, RunRequest
 from agentbus.settings import AgentConfig
 from agentbus.store.eventstore import EVENTS_STREAM, EventStore
+from agentbus.workers.approvals import ApprovalGate
 from agentbus.workers.capacity import CapacityFull, RunSlots
 from agentbus.workers.live import LiveOutput
 from agentbus.workers.queue import RUN_QUEUE, ensure_consumer, run_queue_config
@@ -163,7 +164,7 @@ class RunWorker:
         run = await Loaded.load(self._store, RUN, ref)
         state = run.state
         limit = self._run_limits.get(ref.workspace, self._run_limit)
-        if state.finished or state.status in ("new", "waiting_approval"):
+        if state.finished or state.status == "new":
             if state.finished:  # it may have ended while its worker was dead: free its tokens
                 await self._budgets.release_run(ref, state.agent, "run_ended")
             await self._release(ref, limit)
@@ -251,7 +252,16 @@ class RunWorker:
         except DomainError as exc:  # a later attempt of the run holds tokens: taken over
             self._log.info("attempt superseded", run=ref.id, reason=str(exc))
             return None
-        output = LiveOutput(self._nc, run, attempt)
+        gate = ApprovalGate(
+            self._store,
+            self._nc,
+            run,
+            attempt,
+            timeout=config.approval_timeout,
+            deadline=deadline,
+            context=context,
+        )
+        output = LiveOutput(self._nc, run, attempt, approvals=gate)
         running = asyncio.create_task(executor.execute(request, output))
         stop_watch = asyncio.create_task(cancelled.wait())
         lease = asyncio.create_task(self._renew(message))

@@ -44,8 +44,16 @@ from agentbus.gateway.auth import (
     sign_session,
 )
 from agentbus.gateway.deps import Admin, Caller, PlatformDep, Reader, caller, identities
+from agentbus.gateway.problems import problem_responses
 
 router = APIRouter(prefix="/v1")
+
+# What a route may answer besides success, by what it does.
+SYSTEM_COMMAND = problem_responses(401, 403, 409, 413, 422, 429, 503)
+"""A system key's command with a body."""
+WORKSPACE_READ = problem_responses(401, 404, 422, 429, 503)
+WORKSPACE_ADMIN = problem_responses(401, 403, 404, 409, 422, 429, 503)
+"""An admin's command in a workspace (plus 413 where it takes a body)."""
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -82,7 +90,13 @@ class WorkspaceOut(BaseModel):
     your_role: str
 
 
-@router.post("/workspaces", status_code=202, tags=["workspaces"], summary="Create a workspace")
+@router.post(
+    "/workspaces",
+    status_code=202,
+    tags=["workspaces"],
+    summary="Create a workspace",
+    responses=SYSTEM_COMMAND,
+)
 async def create_workspace(
     body: NewWorkspace, platform: PlatformDep, principal: Caller
 ) -> Accepted:
@@ -99,7 +113,12 @@ async def create_workspace(
     return Accepted(event_ids=[], position=done.position)
 
 
-@router.get("/workspaces/{ws}", tags=["workspaces"], summary="A workspace and its members")
+@router.get(
+    "/workspaces/{ws}",
+    tags=["workspaces"],
+    summary="A workspace and its members",
+    responses=WORKSPACE_READ,
+)
 async def get_workspace(request: Request, access: Reader) -> WorkspaceOut:
     state = await identities(request).workspace(access.workspace)
     members = state.members if access.role in ("owner", "admin") else {}
@@ -121,6 +140,7 @@ UserId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-
     status_code=202,
     tags=["workspaces"],
     summary="Add a member or change their role",
+    responses={**WORKSPACE_ADMIN, **problem_responses(413)},
 )
 async def set_member(
     user_id: UserId, body: MemberIn, request: Request, platform: PlatformDep, access: Admin
@@ -146,6 +166,7 @@ async def set_member(
     status_code=202,
     tags=["workspaces"],
     summary="Remove a member",
+    responses=WORKSPACE_ADMIN,
 )
 async def remove_member(
     user_id: UserId, request: Request, platform: PlatformDep, access: Admin
@@ -197,6 +218,7 @@ async def issue_key(
     status_code=201,
     tags=["api keys"],
     summary="Issue an API key for this workspace (shown once)",
+    responses={**WORKSPACE_ADMIN, **problem_responses(413)},
 )
 async def issue_workspace_key(body: NewKeyIn, platform: PlatformDep, access: Admin) -> IssuedKey:
     if body.role == "owner" and access.role != "owner":
@@ -209,6 +231,7 @@ async def issue_workspace_key(body: NewKeyIn, platform: PlatformDep, access: Adm
     status_code=202,
     tags=["api keys"],
     summary="Revoke an API key (refused from its next request on)",
+    responses=WORKSPACE_ADMIN,
 )
 async def revoke_key(
     key_id: Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9]+$")],
@@ -241,7 +264,13 @@ class NewUser(BaseModel):
     password: str = Field(min_length=8, max_length=500)
 
 
-@router.post("/users", status_code=202, tags=["users"], summary="Create a user (system key)")
+@router.post(
+    "/users",
+    status_code=202,
+    tags=["users"],
+    summary="Create a user (system key)",
+    responses=SYSTEM_COMMAND,
+)
 async def create_user(body: NewUser, platform: PlatformDep, principal: Caller) -> Accepted:
     require_system(principal)
     check_user_id(body.id)
@@ -261,6 +290,7 @@ async def create_user(body: NewUser, platform: PlatformDep, principal: Caller) -
     status_code=202,
     tags=["users"],
     summary="Disable or enable a user (system key)",
+    responses=problem_responses(401, 403, 404, 409, 422, 429, 503),
 )
 async def set_user_enabled(
     user_id: UserId,
@@ -298,6 +328,7 @@ class Me(BaseModel):
     status_code=204,
     tags=["auth"],
     summary="Log in with a password: sets the session cookie",
+    responses=problem_responses(401, 413, 422, 503),
 )
 async def login(body: Annotated[Login, Body()], request: Request, response: Response) -> None:
     ids = identities(request)
@@ -325,7 +356,7 @@ async def logout(response: Response) -> None:
     response.delete_cookie(COOKIE, path="/")
 
 
-@router.get("/me", tags=["auth"], summary="Who am I")
+@router.get("/me", tags=["auth"], summary="Who am I", responses=problem_responses(401, 429, 503))
 async def me(principal: Annotated[Principal, Depends(caller)]) -> Me:
     return Me(
         kind=principal.kind,

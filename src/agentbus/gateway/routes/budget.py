@@ -4,24 +4,28 @@ the budget aggregate). Runs spend from it; see docs/budgets.md."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
 
-from agentbus.domain.budget import set_budget
+from agentbus.domain.budget import MAX_LIMIT_TOKENS, set_budget
 from agentbus.events.budget import PeriodKind
-from agentbus.gateway.deps import Admin, PlatformDep, Reader
+from agentbus.gateway.deps import Admin, MinPosition, PlatformDep, Reader
+from agentbus.gateway.problems import problem_responses
 from agentbus.queries.consistency import wait_for_position
 from agentbus.queries.scope import workspace_scope
 
-router = APIRouter(prefix="/v1/workspaces/{ws}")
+router = APIRouter(
+    prefix="/v1/workspaces/{ws}", responses=problem_responses(401, 404, 422, 429, 503)
+)
 
 
 class BudgetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    limit_tokens: int = Field(ge=0, description="tokens per period (a hard limit)")
+    limit_tokens: int = Field(
+        ge=0, le=MAX_LIMIT_TOKENS, description="tokens per period (a hard limit)"
+    )
     period: PeriodKind = "monthly"
     alert_at: float | None = Field(
         default=None, gt=0, le=1, description="fraction of the limit that raises an alert"
@@ -48,7 +52,13 @@ class BudgetSetOut(BaseModel):
     position: int
 
 
-@router.put("/budget", status_code=202, tags=["budget"], summary="Set the token budget")
+@router.put(
+    "/budget",
+    status_code=202,
+    tags=["budget"],
+    summary="Set the token budget",
+    responses=problem_responses(403),
+)
 async def put_budget(body: BudgetIn, platform: PlatformDep, access: Admin) -> BudgetSetOut:
     done = await set_budget(
         platform.store,
@@ -62,11 +72,16 @@ async def put_budget(body: BudgetIn, platform: PlatformDep, access: Admin) -> Bu
     return BudgetSetOut(position=done.position)
 
 
-@router.get("/budget", tags=["budget"], summary="Budget balances, current period first")
+@router.get(
+    "/budget",
+    tags=["budget"],
+    summary="Budget balances, current period first",
+    responses=problem_responses(504),
+)
 async def get_budget(
     platform: PlatformDep,
     access: Reader,
-    min_position: Annotated[int | None, Query(ge=0)] = None,
+    min_position: MinPosition = None,
 ) -> list[BudgetPeriod]:
     if min_position:
         await wait_for_position(platform.engine, "budgets", min_position)

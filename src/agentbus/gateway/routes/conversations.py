@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentbus.domain.budget import ensure_can_start
-from agentbus.domain.handling import Loaded, handle
+from agentbus.domain.handling import handle
 from agentbus.domain.run import RUN, Cancel, QueueRun, RunNotFound
 from agentbus.domain.session import (
     SESSION,
@@ -27,7 +27,15 @@ from agentbus.events.envelope import uuid7
 from agentbus.events.session import MAX_TEXT, Channel, ConcurrencyPolicy
 from agentbus.events.subjects import EVENTS_PREFIX, AggregateRef
 from agentbus.gateway.auth import NotVisible
-from agentbus.gateway.deps import Auditor, PlatformDep, Reader, Writer
+from agentbus.gateway.deps import (
+    Auditor,
+    MinPosition,
+    PlatformDep,
+    Reader,
+    SessionPostsDep,
+    Writer,
+)
+from agentbus.gateway.problems import problem_responses
 from agentbus.gateway.routes.admin import context
 from agentbus.queries.runs import RunRow, get_run, list_runs
 from agentbus.queries.sessions import (
@@ -39,14 +47,14 @@ from agentbus.queries.sessions import (
 )
 from agentbus.workers.autoreply import run_id_for
 
-router = APIRouter(prefix="/v1/workspaces/{ws}")
+# Every route here authenticates, resolves the workspace and may meet an unanswering store.
+router = APIRouter(
+    prefix="/v1/workspaces/{ws}", responses=problem_responses(401, 404, 422, 429, 503)
+)
+COMMAND = problem_responses(403, 409, 413)
 
 _STRICT = ConfigDict(extra="forbid")
 Id = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-MinPosition = Annotated[
-    int | None,
-    Query(ge=0, description="wait until the read model has applied this stream position"),
-]
 Limit = Annotated[int, Query(ge=1, le=200, description="page size (at most 200)")]
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1d2a8e-3c59-4a3e-9d7b-1b2c3d4e5f60")
 
@@ -108,7 +116,9 @@ class SessionPage(BaseModel):
     next_cursor: str | None
 
 
-@router.post("/sessions", status_code=202, tags=["sessions"], summary="Open a session")
+@router.post(
+    "/sessions", status_code=202, tags=["sessions"], summary="Open a session", responses=COMMAND
+)
 async def open_session(body: NewSession, platform: PlatformDep, access: Writer) -> Accepted:
     if body.agent is not None and body.agent not in platform.settings.agents:
         raise NotVisible(f"agent {body.agent!r} is not configured")
@@ -119,7 +129,12 @@ async def open_session(body: NewSession, platform: PlatformDep, access: Writer) 
     return Accepted(id=session_id, event_ids=[], position=done.position)
 
 
-@router.get("/sessions", tags=["sessions"], summary="Sessions, newest first")
+@router.get(
+    "/sessions",
+    tags=["sessions"],
+    summary="Sessions, newest first",
+    responses=problem_responses(400, 504),
+)
 async def sessions(
     platform: PlatformDep,
     access: Reader,
@@ -133,7 +148,12 @@ async def sessions(
     return SessionPage(sessions=[SessionOut.of(r) for r in rows], next_cursor=following)
 
 
-@router.get("/sessions/{sid}", tags=["sessions"], summary="One session")
+@router.get(
+    "/sessions/{sid}",
+    tags=["sessions"],
+    summary="One session",
+    responses=problem_responses(504),
+)
 async def session(
     sid: Id, platform: PlatformDep, access: Reader, min_position: MinPosition = None
 ) -> SessionOut:
@@ -143,7 +163,13 @@ async def session(
     return SessionOut.of(row)
 
 
-@router.post("/sessions/{sid}/close", status_code=202, tags=["sessions"], summary="Close")
+@router.post(
+    "/sessions/{sid}/close",
+    status_code=202,
+    tags=["sessions"],
+    summary="Close",
+    responses=problem_responses(403, 409),
+)
 async def close_session(sid: Id, platform: PlatformDep, access: Writer) -> Accepted:
     ref = AggregateRef(access.workspace, "session", sid)
     done = await handle(
@@ -201,11 +227,12 @@ class MessageOut(BaseModel):
     status_code=202,
     tags=["messages"],
     summary="Post a message into a session",
+    responses=COMMAND,
 )
 async def post_message(
     sid: Id,
     body: NewMessage,
-    platform: PlatformDep,
+    posts: SessionPostsDep,
     access: Writer,
     idempotency_key: Annotated[
         str | None,
@@ -222,41 +249,25 @@ async def post_message(
         if idempotency_key
         else uuid7()
     )
-    history = await platform.store.load(ref)
-    for recorded in history.events:
-        if recorded.id == event_id:  # a retry: answer as the first time
-            message_id = str(getattr(recorded.event, "message_id", ""))
-            return PostedMessage(
-                id=message_id,
-                event_ids=[event_id],
-                position=recorded.position,
-                run_id=_run_for(history, event_id),
-                duplicate=True,
-            )
-    session = Loaded(
-        platform.store,
-        SESSION,
-        ref,
-        SESSION.fold(e.event for e in history.events),
-        history.last_position,
-    )
-    message_id = uuid7()
     command = ReceiveMessage(
-        message_id, body.author or access.principal.id, body.text, body.external_id
+        uuid7(), body.author or access.principal.id, body.text, body.external_id
     )
-    done = await session.handle(command, context=context(access.principal), event_ids=[event_id])
-    run_id = run_id_for(event_id) if session.state.agent else None
+    posted = await posts.post(ref, command, event_id, context(access.principal))
     return PostedMessage(
-        id=message_id, event_ids=[event_id], position=done.position, run_id=run_id, duplicate=False
+        id=posted.message_id,
+        event_ids=[event_id],
+        position=posted.position,
+        run_id=run_id_for(event_id) if posted.state.agent else None,
+        duplicate=posted.duplicate,
     )
 
 
-def _run_for(history: Any, event_id: str) -> str | None:
-    agent = SESSION.fold(e.event for e in history.events).agent
-    return run_id_for(event_id) if agent else None
-
-
-@router.get("/sessions/{sid}/messages", tags=["messages"], summary="Messages, oldest first")
+@router.get(
+    "/sessions/{sid}/messages",
+    tags=["messages"],
+    summary="Messages, oldest first",
+    responses=problem_responses(504),
+)
 async def messages(
     sid: Id,
     platform: PlatformDep,
@@ -323,7 +334,13 @@ class RunPage(BaseModel):
     next_cursor: str | None
 
 
-@router.post("/runs", status_code=202, tags=["runs"], summary="Queue a run of an agent")
+@router.post(
+    "/runs",
+    status_code=202,
+    tags=["runs"],
+    summary="Queue a run of an agent",
+    responses=problem_responses(402, 403, 409, 413),
+)
 async def create_run(body: NewRun, platform: PlatformDep, access: Writer) -> Accepted:
     config = platform.settings.agents.get(body.agent)
     if config is None:
@@ -343,7 +360,9 @@ async def create_run(body: NewRun, platform: PlatformDep, access: Writer) -> Acc
     return Accepted(id=run_id, event_ids=[], position=done.position)
 
 
-@router.get("/runs", tags=["runs"], summary="Runs, newest first")
+@router.get(
+    "/runs", tags=["runs"], summary="Runs, newest first", responses=problem_responses(400, 504)
+)
 async def runs(
     platform: PlatformDep,
     access: Reader,
@@ -363,7 +382,7 @@ async def runs(
     return RunPage(runs=[RunOut.of(r) for r in rows], next_cursor=following)
 
 
-@router.get("/runs/{rid}", tags=["runs"], summary="One run")
+@router.get("/runs/{rid}", tags=["runs"], summary="One run", responses=problem_responses(504))
 async def run(
     rid: Id, platform: PlatformDep, access: Reader, min_position: MinPosition = None
 ) -> RunOut:
@@ -378,7 +397,13 @@ class CancelIn(BaseModel):
     reason: str | None = Field(default=None, max_length=2000)
 
 
-@router.post("/runs/{rid}/cancel", status_code=202, tags=["runs"], summary="Cancel a run")
+@router.post(
+    "/runs/{rid}/cancel",
+    status_code=202,
+    tags=["runs"],
+    summary="Cancel a run",
+    responses=COMMAND,
+)
 async def cancel_run(
     rid: Id, platform: PlatformDep, access: Writer, body: CancelIn | None = None
 ) -> Accepted:
@@ -397,7 +422,12 @@ class EventPage(BaseModel):
     next_after: int = Field(description="pass as `after` for the next page")
 
 
-@router.get("/events", tags=["events"], summary="A page of the workspace's event history")
+@router.get(
+    "/events",
+    tags=["events"],
+    summary="A page of the workspace's event history",
+    responses=problem_responses(403),
+)
 async def events(
     platform: PlatformDep,
     access: Auditor,
