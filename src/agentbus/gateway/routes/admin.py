@@ -58,7 +58,7 @@ WORKSPACE_ADMIN = problem_responses(401, 403, 404, 409, 422, 429, 503)
 _STRICT = ConfigDict(extra="forbid")
 
 
-class Accepted(BaseModel):
+class Recorded(BaseModel):
     """A command was appended to JetStream (durable)."""
 
     event_ids: list[str]
@@ -99,7 +99,7 @@ class WorkspaceOut(BaseModel):
 )
 async def create_workspace(
     body: NewWorkspace, platform: PlatformDep, principal: Caller
-) -> Accepted:
+) -> Recorded:
     require_system(principal)
     check_workspace_id(body.id)
     ref = AggregateRef(body.id, "workspace", body.id)
@@ -110,7 +110,7 @@ async def create_workspace(
         CreateWorkspace(body.display_name),
         context=context(principal),
     )
-    return Accepted(event_ids=[], position=done.position)
+    return Recorded(event_ids=[], position=done.position)
 
 
 @router.get(
@@ -144,7 +144,7 @@ UserId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-
 )
 async def set_member(
     user_id: UserId, body: MemberIn, request: Request, platform: PlatformDep, access: Admin
-) -> Accepted:
+) -> Recorded:
     if not (await identities(request).user(user_id)).exists:
         raise UserNotFound(f"user {user_id} does not exist")
     if body.role == "owner" and access.role != "owner":
@@ -158,7 +158,7 @@ async def set_member(
         context=context(access.principal),
     )
     identities(request).forget(ref)
-    return Accepted(event_ids=[], position=done.position)
+    return Recorded(event_ids=[], position=done.position)
 
 
 @router.delete(
@@ -170,13 +170,13 @@ async def set_member(
 )
 async def remove_member(
     user_id: UserId, request: Request, platform: PlatformDep, access: Admin
-) -> Accepted:
+) -> Recorded:
     ref = AggregateRef(access.workspace, "workspace", access.workspace)
     done = await handle(
         platform.store, WORKSPACE, ref, RemoveMember(user_id), context=context(access.principal)
     )
     identities(request).forget(ref)
-    return Accepted(event_ids=[], position=done.position)
+    return Recorded(event_ids=[], position=done.position)
 
 
 # ---------------------------------------------------------------------------- API keys
@@ -238,7 +238,7 @@ async def revoke_key(
     request: Request,
     platform: PlatformDep,
     access: Admin,
-) -> Accepted:
+) -> Recorded:
     key = await identities(request).key(key_id)
     if not key.exists or key.workspace != access.workspace:
         raise ApiKeyNotFound(f"API key {key_id} not found")
@@ -251,7 +251,7 @@ async def revoke_key(
         context=context(access.principal),
     )
     identities(request).forget(ref)
-    return Accepted(event_ids=[], position=done.position)
+    return Recorded(event_ids=[], position=done.position)
 
 
 # ---------------------------------------------------------------------------- users
@@ -271,7 +271,7 @@ class NewUser(BaseModel):
     summary="Create a user (system key)",
     responses=SYSTEM_COMMAND,
 )
-async def create_user(body: NewUser, platform: PlatformDep, principal: Caller) -> Accepted:
+async def create_user(body: NewUser, platform: PlatformDep, principal: Caller) -> Recorded:
     require_system(principal)
     check_user_id(body.id)
     ref = AggregateRef(SYSTEM_WORKSPACE, "user", body.id)
@@ -282,7 +282,7 @@ async def create_user(body: NewUser, platform: PlatformDep, principal: Caller) -
         CreateUser(body.display_name, hash_password(body.password)),
         context=context(principal),
     )
-    return Accepted(event_ids=[], position=done.position)
+    return Recorded(event_ids=[], position=done.position)
 
 
 @router.post(
@@ -298,13 +298,13 @@ async def set_user_enabled(
     request: Request,
     platform: PlatformDep,
     principal: Caller,
-) -> Accepted:
+) -> Recorded:
     require_system(principal)
     ref = AggregateRef(SYSTEM_WORKSPACE, "user", user_id)
     command = DisableUser() if action == "disable" else EnableUser()
     done = await handle(platform.store, USER, ref, command, context=context(principal))
     identities(request).forget(ref)
-    return Accepted(event_ids=[], position=done.position)
+    return Recorded(event_ids=[], position=done.position)
 
 
 # ---------------------------------------------------------------------------- login
