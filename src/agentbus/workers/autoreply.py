@@ -27,7 +27,6 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 
 from agentbus.domain.budget import BudgetExceeded, Budgets
 from agentbus.domain.decider import DomainError
@@ -39,9 +38,9 @@ from agentbus.events.run import RunCancelled, RunFailed, RunSucceeded, RunTimedO
 from agentbus.events.session import MessageReceived, RunAssigned, RunInterrupted
 from agentbus.events.subjects import AggregateRef
 from agentbus.settings import AgentConfig
-from agentbus.store.eventstore import EVENTS_STREAM, EventStore, RawEvent, RecordedEvent
+from agentbus.store.eventstore import EventStore, RawEvent, RecordedEvent
 from agentbus.workers.chat_commands import answer_chat_command
-from agentbus.workers.queue import AUTO_REPLY, auto_reply_config, ensure_consumer
+from agentbus.workers.queue import auto_reply_config, consume
 
 log = structlog.get_logger("agentbus.autoreply")
 
@@ -59,24 +58,7 @@ class AutoReply:
         self._budgets = Budgets(store, StateCache())
 
     async def run(self, stop: asyncio.Event) -> None:
-        await ensure_consumer(self._nc, auto_reply_config())
-        js = self._nc.jetstream()
-        sub = await js.pull_subscribe_bind(durable=AUTO_REPLY, stream=EVENTS_STREAM)
-        try:
-            while not stop.is_set():
-                try:
-                    messages = await sub.fetch(64, timeout=0.5)
-                except (NatsTimeout, TimeoutError):
-                    continue
-                except Exception as exc:
-                    log.warning("fetch failed", error=str(exc))
-                    await asyncio.sleep(0.5)
-                    continue
-                for message in messages:
-                    await self._process(message)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await consume(self._nc, auto_reply_config(), self._process, stop)
 
     async def _process(self, message: Msg) -> None:
         meta = message.metadata

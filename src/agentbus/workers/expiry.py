@@ -21,15 +21,14 @@ from datetime import UTC, datetime
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 
 from agentbus.domain.approval import APPROVAL, ApprovalNotDue, expire_approval
 from agentbus.domain.decider import DomainError
 from agentbus.domain.handling import load
 from agentbus.events.envelope import EventContext
 from agentbus.events.subjects import AggregateRef
-from agentbus.store.eventstore import EVENTS_STREAM, EventStore
-from agentbus.workers.queue import ensure_consumer
+from agentbus.store.eventstore import EventStore
+from agentbus.workers.queue import consume
 
 log = structlog.get_logger("agentbus.approvals")
 
@@ -60,24 +59,7 @@ class ApprovalExpiry:
         self._context = EventContext(source="agentbus/approval-expiry", actor="agentbus")
 
     async def run(self, stop: asyncio.Event) -> None:
-        await ensure_consumer(self._nc, approval_expiry_config())
-        js = self._nc.jetstream()
-        sub = await js.pull_subscribe_bind(durable=APPROVAL_EXPIRY, stream=EVENTS_STREAM)
-        try:
-            while not stop.is_set():
-                try:
-                    messages = await sub.fetch(64, timeout=0.5)
-                except (NatsTimeout, TimeoutError):
-                    continue
-                except Exception as exc:
-                    log.warning("fetch failed", error=str(exc))
-                    await asyncio.sleep(0.5)
-                    continue
-                for message in messages:
-                    await self._process(message)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await consume(self._nc, approval_expiry_config(), self._process, stop)
 
     async def _process(self, message: Msg) -> None:
         ref = AggregateRef.from_subject(message.subject)

@@ -12,11 +12,20 @@ Both are created or updated idempotently at worker start (JetStream's create-or-
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
 import orjson
+import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
 
 from agentbus.errors import StoreUnavailable
 from agentbus.store.eventstore import EVENTS_STREAM
+
+log = structlog.get_logger("agentbus.queue")
 
 RUN_QUEUE = "run-queue"
 AUTO_REPLY = "auto-reply"
@@ -71,3 +80,33 @@ async def ensure_consumer(nc: NATS, config: dict[str, object], timeout: float = 
     answer = orjson.loads(reply.data)
     if "error" in answer:
         raise StoreUnavailable(f"consumer {name}: {answer['error'].get('description')}")
+
+
+async def consume(
+    nc: NATS,
+    config: dict[str, object],
+    process: Callable[[Msg], Awaitable[None]],
+    stop: asyncio.Event,
+    *,
+    batch: int = 64,
+) -> None:
+    """Ensure the durable consumer `config`, then hand its messages to `process` one at a time,
+    in stream order, until `stop`. `process` acks or naks each message itself."""
+    await ensure_consumer(nc, config)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe_bind(durable=str(config["durable_name"]), stream=EVENTS_STREAM)
+    try:
+        while not stop.is_set():
+            try:
+                messages = await sub.fetch(batch, timeout=0.5)
+            except (NatsTimeout, TimeoutError):
+                continue
+            except Exception as exc:  # NATS reconnecting: back off, keep the loop alive
+                log.warning("fetch failed", consumer=config["durable_name"], error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for message in messages:
+                await process(message)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
