@@ -322,42 +322,16 @@ class EventStore:
         (server 2.11+); at most 1000 subjects may match."""
         if not subject_filters:
             raise ValueError("last_positions needs at least one subject filter")
-        inbox, replies = await self._replies.stream()
         found: dict[str, int] = {}
-        try:
-            await self._nc.publish(
-                f"$JS.API.DIRECT.GET.{self._stream}",
-                orjson.dumps({"multi_last": list(subject_filters), "batch": MAX_BATCH}),
-                reply=inbox,
-            )
-            while True:
-                try:
-                    async with asyncio.timeout(self._timeout):
-                        msg = await replies.get()
-                except TimeoutError as exc:
-                    raise StoreUnavailable(
-                        f"last events on {subject_filters} did not answer within {self._timeout:g}s"
-                    ) from exc
-                headers = msg.headers or {}
-                status = headers.get("Status")
-                if status == "404":
-                    return found
-                if status == "204":
-                    if int(headers.get("Nats-Num-Pending", "0")):
-                        raise ValueError(f"more than {MAX_BATCH} subjects match {subject_filters}")
-                    return found
-                if status is not None:
-                    raise StoreUnavailable(
-                        f"direct get on {subject_filters} failed: {status} "
-                        f"{headers.get('Description', '')}"
-                    )
-                found[headers["Nats-Subject"]] = int(headers["Nats-Sequence"])
-        except ConnectionClosedError as exc:
-            raise StoreUnavailable(
-                f"NATS connection closed while reading {subject_filters}"
-            ) from exc
-        finally:
-            self._replies.forget(inbox)
+        request = {"multi_last": list(subject_filters), "batch": MAX_BATCH}
+        async for msg in self._direct_batch(request, f"last events on {subject_filters}"):
+            headers = msg.headers or {}
+            if "Status" in headers:  # the end of the batch
+                if int(headers.get("Nats-Num-Pending", "0")):
+                    raise ValueError(f"more than {MAX_BATCH} subjects match {subject_filters}")
+                break
+            found[headers["Nats-Subject"]] = int(headers["Nats-Sequence"])
+        return found
 
     async def get(self, position: int) -> RecordedEvent | None:
         """The event at `position`, or None if there is none (never written, or beyond)."""
@@ -497,51 +471,28 @@ class EventStore:
         reached the end of the stream."""
         if after < 0:
             raise ValueError(f"positions start at 1, got after={after}")
-        inbox, replies = await self._replies.stream()
         page: list[RawEvent] = []
-        try:
-            await self._nc.publish(
-                f"$JS.API.DIRECT.GET.{self._stream}",
-                orjson.dumps(
-                    {
-                        "seq": after + 1,
-                        "next_by_subj": subject,
-                        "batch": limit,
-                        "max_bytes": max_bytes,
-                    }
-                ),
-                reply=inbox,
-            )
-            while True:
-                try:
-                    async with asyncio.timeout(self._timeout):
-                        msg = await replies.get()
-                except TimeoutError as exc:
-                    raise StoreUnavailable(
-                        f"reading {subject} did not answer within {self._timeout:g}s"
-                    ) from exc
-                headers = msg.headers or {}
-                status = headers.get("Status")
-                if status in ("404", "204"):  # nothing (more) / end of this batch
-                    return page
-                if status is not None:
-                    raise StoreUnavailable(
-                        f"direct get on {subject} failed: {status} {headers.get('Description', '')}"
-                    )
-                stamp = headers.get("Nats-Time-Stamp")
-                page.append(
-                    RawEvent(
-                        int(headers["Nats-Sequence"]),
-                        headers["Nats-Subject"],
-                        msg.data,
-                        datetime.fromisoformat(stamp) if stamp else None,
-                        int(headers.get("Nats-Num-Pending", "0")),
-                    )
+        request = {
+            "seq": after + 1,
+            "next_by_subj": subject,
+            "batch": limit,
+            "max_bytes": max_bytes,
+        }
+        async for msg in self._direct_batch(request, subject):
+            headers = msg.headers or {}
+            if "Status" in headers:  # the end of the batch
+                break
+            stamp = headers.get("Nats-Time-Stamp")
+            page.append(
+                RawEvent(
+                    int(headers["Nats-Sequence"]),
+                    headers["Nats-Subject"],
+                    msg.data,
+                    datetime.fromisoformat(stamp) if stamp else None,
+                    int(headers.get("Nats-Num-Pending", "0")),
                 )
-        except ConnectionClosedError as exc:
-            raise StoreUnavailable(f"NATS connection closed while reading {subject}") from exc
-        finally:
-            self._replies.forget(inbox)
+            )
+        return page
 
     async def _wait_for_message(self, received: asyncio.Queue[Msg], follow: bool) -> Msg:
         """The next message of a reader whose queue is empty. Raises what `next_msg` did: a
@@ -566,47 +517,53 @@ class EventStore:
         return self._decode(raw.position, raw.subject, raw.data)
 
     async def _direct_get(self, subject_filter: str, from_position: int) -> AsyncIterator[Msg]:
-        """Batched direct get (server 2.11+): every message on `subject_filter` from a position.
-        One request per 1000 messages, no consumer to create or clean up, and the replies come
-        over the store's one reply subscription (no inbox subscribed per load)."""
+        """Every message on `subject_filter` from a position: batched direct gets of 1000 (no
+        consumer to create or clean up)."""
+        position = from_position
+        while True:
+            pending = 0
+            request = {"seq": position, "next_by_subj": subject_filter, "batch": 1000}
+            async for msg in self._direct_batch(request, subject_filter):
+                headers = msg.headers or {}
+                if "Status" in headers:  # the end of this batch
+                    break
+                pending = int(headers.get("Nats-Num-Pending", "0"))
+                position = int(headers["Nats-Sequence"]) + 1
+                yield msg
+            if pending == 0:
+                return
+
+    async def _direct_batch(self, request: dict[str, Any], what: str) -> AsyncIterator[Msg]:
+        """One batched direct get (server 2.11+): its messages, then the end-of-batch marker
+        (`Status: 204`, carrying `Nats-Num-Pending`) when the server sends one; nothing when
+        no message matches. The replies come over the store's one reply subscription (no
+        inbox subscribed per request); every wait is bounded by the store's timeout."""
         inbox, replies = await self._replies.stream()
         try:
-            position = from_position
+            await self._nc.publish(
+                f"$JS.API.DIRECT.GET.{self._stream}", orjson.dumps(request), reply=inbox
+            )
             while True:
-                await self._nc.publish(
-                    f"$JS.API.DIRECT.GET.{self._stream}",
-                    orjson.dumps({"seq": position, "next_by_subj": subject_filter, "batch": 1000}),
-                    reply=inbox,
-                )
-                pending = 0
-                while True:
-                    try:
-                        async with asyncio.timeout(self._timeout):
-                            msg = await replies.get()
-                    except TimeoutError as exc:
-                        raise StoreUnavailable(
-                            f"reading {subject_filter} did not answer within {self._timeout:g}s"
-                        ) from exc
-                    headers = msg.headers or {}
-                    status = headers.get("Status")
-                    if status == "404":
-                        return
-                    if status == "204":  # end of this batch
-                        break
-                    if status is not None:
-                        raise StoreUnavailable(
-                            f"direct get on {subject_filter} failed: {status} "
-                            f"{headers.get('Description', '')}"
-                        )
-                    pending = int(headers.get("Nats-Num-Pending", "0"))
-                    position = int(headers["Nats-Sequence"]) + 1
-                    yield msg
-                if pending == 0:
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        msg = await replies.get()
+                except TimeoutError as exc:
+                    raise StoreUnavailable(
+                        f"reading {what} did not answer within {self._timeout:g}s"
+                    ) from exc
+                status = (msg.headers or {}).get("Status")
+                if status == "404":
+                    return
+                if status not in (None, "204"):
+                    raise StoreUnavailable(
+                        f"direct get on {what} failed: {status} "
+                        f"{(msg.headers or {}).get('Description', '')}"
+                    )
+                yield msg
+                if status == "204":
                     return
         except ConnectionClosedError as exc:
-            raise StoreUnavailable(
-                f"NATS connection closed while reading {subject_filter}"
-            ) from exc
+            raise StoreUnavailable(f"NATS connection closed while reading {what}") from exc
         finally:
             self._replies.forget(inbox)
 
