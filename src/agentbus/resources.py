@@ -20,8 +20,3 @@ def resource(name: str) -> Path:
         if candidate.exists() and (base is _BUNDLED or (base / "pyproject.toml").exists()):
             return candidate
     raise FileNotFoundError(f"agentbus resource {name!r} is missing from this installation")
-
-
-def checkout_root() -> Path | None:
-    """The repository root when running from a source checkout, else None."""
-    return _CHECKOUT if (_CHECKOUT / "pyproject.toml").exists() else None

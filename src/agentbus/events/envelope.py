@@ -66,9 +66,6 @@ class CloudEvent(BaseModel):
         default=None, max_length=_SHORT, description="Extension: who acted (user, agent, service)."
     )
 
-    def to_json(self) -> bytes:
-        return self.model_dump_json(exclude_none=True).encode()
-
 
 class EventContext(BaseModel):
     """Who and what caused the events being appended: copied onto each envelope."""
