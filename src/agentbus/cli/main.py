@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agentbus import __version__
+from agentbus.cli.audit import audit_app
 from agentbus.errors import AgentbusError, EmbeddedServerError
 from agentbus.logs import configure_logging
 from agentbus.settings import Settings
@@ -51,6 +52,7 @@ app.add_typer(projections_app, name="projections")
 app.add_typer(streams_app, name="streams")
 app.add_typer(db_app, name="db")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(audit_app, name="audit")
 
 # Piped output (scripts, CI) gets wide lines instead of rich's 80-column truncation.
 out = Console() if Console().is_terminal else Console(width=200)
