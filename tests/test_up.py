@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -133,12 +134,25 @@ async def test_up_serves_keeps_events_across_restarts_and_leaves_no_process(up: 
     assert "agentbus stopped" in stderr
     assert "system API key (shown once" in stderr
     key = next(line.strip() for line in stderr.splitlines() if line.strip().startswith("ab_"))
+    login = re.search(r"log in as admin with password (\w+) \(workspace demo; shown once\)", stderr)
+    assert login is not None, stderr
     assert processes_using(up.data_dir) == []
 
     up.start()  # same data dir, same ports
     me = httpx.get(f"{up.base}/v1/me", headers={"Authorization": f"Bearer {key}"})
     assert me.status_code == 200
     assert me.json()["kind"] == "apikey"
+    # The first start's web chat login works after a restart: the page, the cookie, the demo
+    # workspace with the echo agent.
+    assert "<title>agentbus chat</title>" in httpx.get(f"{up.base}/").text
+    async with httpx.AsyncClient(base_url=up.base) as browser:
+        logged_in = await browser.post(
+            "/v1/auth/login", json={"user": "admin", "password": login[1]}
+        )
+        assert logged_in.status_code == 204
+        demo = (await browser.get("/v1/workspaces/demo")).json()
+        assert demo["your_role"] == "owner"
+        assert demo["agents"] == ["echo"]
     client = await connect(f"nats://127.0.0.1:{up.nats_port}")
     try:
         history = await EventStore(client, default_registry()).load(ref)

@@ -3,12 +3,16 @@ workspaces, users and API keys. Acts as `cli:<os user>`."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
+import secrets
+import string
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
+from agentbus.domain.decider import DomainError
 from agentbus.domain.handling import handle
 from agentbus.domain.identity import (
     API_KEY,
@@ -20,7 +24,13 @@ from agentbus.domain.identity import (
     RevokeKey,
     check_user_id,
 )
-from agentbus.domain.workspace import WORKSPACE, CreateWorkspace, SetMember, check_workspace_id
+from agentbus.domain.workspace import (
+    WORKSPACE,
+    CreateWorkspace,
+    SetMember,
+    WorkspaceExists,
+    check_workspace_id,
+)
 from agentbus.events.envelope import EventContext
 from agentbus.events.identity import SYSTEM_WORKSPACE
 from agentbus.events.subjects import AggregateRef
@@ -111,3 +121,23 @@ async def set_user_enabled(store: EventStore, user_id: str, enabled: bool) -> No
     ref = AggregateRef(SYSTEM_WORKSPACE, "user", check_user_id(user_id))
     command = EnableUser() if enabled else DisableUser()
     await handle(store, USER, ref, command, context=_context())
+
+
+DEMO_WORKSPACE = "demo"
+DEMO_USER = "admin"
+
+
+async def create_demo(store: EventStore) -> str | None:
+    """On a deployment's first start: workspace `demo` with user `admin` as its owner, so the
+    web chat works at once. Returns the user's random password (to show once), or None if the
+    user existed already (nothing is changed then)."""
+    password = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(16))
+    try:
+        await create_user(store, DEMO_USER, "Administrator", password)
+    except DomainError:
+        return None
+    ref = AggregateRef(DEMO_WORKSPACE, "workspace", DEMO_WORKSPACE)
+    with contextlib.suppress(WorkspaceExists):
+        await handle(store, WORKSPACE, ref, CreateWorkspace("Demo"), context=_context())
+    await add_member(store, DEMO_WORKSPACE, DEMO_USER, "owner")
+    return password

@@ -300,13 +300,16 @@ async def _start_platform(
     platform = await Platform.connect(settings, nats_url, database_url)
     try:
         bootstrap_key = None
+        demo_password = None
         if prepare:
             with err.status("applying streams and migrations…"):
                 await apply_streams(platform.nc, load_stream_specs(resource("streams")))
                 await upgrade(database_url)
-            from agentbus.cli.admin import bootstrap
+            from agentbus.cli.admin import bootstrap, create_demo
 
             bootstrap_key = await bootstrap(platform.nc, platform.store)
+            if bootstrap_key is not None and "gateway" in roles:
+                demo_password = await create_demo(platform.store)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -318,6 +321,13 @@ async def _start_platform(
                 err.print(
                     "[bold yellow]first start:[/] system API key (shown once, store it now):\n"
                     f"  {bootstrap_key.token}",
+                    highlight=False,
+                )
+            if demo_password is not None:
+                err.print(
+                    f"[bold yellow]first start:[/] web chat at http://{settings.host}:"
+                    f"{settings.port}/ : log in as [bold]admin[/] with password "
+                    f"[bold]{demo_password}[/] (workspace demo; shown once)",
                     highlight=False,
                 )
 

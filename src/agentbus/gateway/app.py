@@ -16,7 +16,7 @@ from agentbus import __version__
 from agentbus.gateway.auth import Identities
 from agentbus.gateway.limits import BodyLimit, RateLimiter
 from agentbus.gateway.problems import PROBLEM_JSON, install_problem_handlers
-from agentbus.gateway.routes import admin, approvals, budget, conversations, streams
+from agentbus.gateway.routes import admin, approvals, budget, conversations, streams, webchat
 from agentbus.projections.catalog import all_projections
 from agentbus.projections.generations import ensure_generations
 from agentbus.projections.health import projection_health, prometheus_text
@@ -60,6 +60,7 @@ def create_app(platform: Platform, *, rate: float = 50.0, burst: float = 100.0) 
     app.include_router(budget.router)
     app.include_router(approvals.router)
     app.include_router(streams.router)
+    webchat.install(app)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:

@@ -88,6 +88,7 @@ class WorkspaceOut(BaseModel):
     display_name: str
     members: dict[str, Role]
     your_role: str
+    agents: list[str] = Field(description="the agents a session can have in this deployment")
 
 
 @router.post(
@@ -119,11 +120,15 @@ async def create_workspace(
     summary="A workspace and its members",
     responses=WORKSPACE_READ,
 )
-async def get_workspace(request: Request, access: Reader) -> WorkspaceOut:
+async def get_workspace(request: Request, access: Reader, platform: PlatformDep) -> WorkspaceOut:
     state = await identities(request).workspace(access.workspace)
     members = state.members if access.role in ("owner", "admin") else {}
     return WorkspaceOut(
-        id=access.workspace, display_name=state.display_name, members=members, your_role=access.role
+        id=access.workspace,
+        display_name=state.display_name,
+        members=members,
+        your_role=access.role,
+        agents=sorted(platform.settings.agents),
     )
 
 
