@@ -167,6 +167,16 @@ async def test_openai_reads_the_api_key_from_the_environment(
     assert "temperature" not in sent["body"]
 
 
+async def test_openai_caps_the_output_at_the_tokens_the_budget_reserved(
+    openai_url: str, openai_received: list[dict[str, Any]]
+) -> None:
+    options = openai_options(openai_url, "chat")
+
+    await OpenAIExecutor().execute(run_request(options, max_tokens=512), Recorder())
+
+    assert openai_received[-1]["body"]["max_tokens"] == 512
+
+
 async def test_openai_records_no_usage_when_the_server_sends_none(openai_url: str) -> None:
     output = Recorder()
 

@@ -38,6 +38,9 @@ class RunRequest:
     """Earlier turns of the session, oldest first (may be empty)."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """The agent's executor options (model, URL, command, ...)."""
+    max_tokens: int | None = None
+    """The tokens reserved from the budget for this attempt (in + out; the agent's
+    `max_tokens`): an executor that can cap a model's output passes it on."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,10 @@ class OpenAIExecutor:
         }
         if options.temperature is not None:
             body["temperature"] = options.temperature
+        if request.max_tokens is not None:
+            # What the budget reserved caps the output: the prompt counts too, so a long one
+            # can still overrun the reservation (recorded as `overrun`, see budgets.md).
+            body["max_tokens"] = request.max_tokens
         reply = _Reply(output, options.model, redact(url), options.approval_tools)
         async with client_session(self._client) as client:
             try:

@@ -239,6 +239,7 @@ class RunWorker:
             session_id=state.session_id,
             history=await self._history(ref.workspace, state.session_id, state.input),
             options=config.options,
+            max_tokens=config.max_tokens,
         )
         deadline = now + timedelta(seconds=config.timeout)
         if state.deadline_at is not None:
