@@ -490,7 +490,6 @@
       // The reply of a run shown streaming: the stored message replaces what streamed.
       li = current.li;
       current.final = true;
-      li.dataset.streamed = current.text; // what arrived token by token, for comparison
       li.classList.remove("streaming");
       li.querySelector(".author").textContent = author;
     } else {
@@ -534,20 +533,25 @@
 
   function startAttempt(runId, attempt) {
     const current = run(runId);
-    if (!current || current.final || attempt <= current.attempt) return;
+    if (!current || attempt <= current.attempt) return;
     current.attempt = attempt;
     current.seq = 0;
     current.text = "";
-    current.li.querySelector(".text").textContent = "";
+    if (!current.final) current.li.querySelector(".text").textContent = "";
   }
 
+  // Live output may still arrive after the stored reply (they are separate sources of the
+  // stream, interleaved as they come, e.g. while catching up after a reconnect): it is kept
+  // in `data-streamed` but the stored reply stays what is shown.
   function delta(runId, data) {
     const current = run(runId);
-    if (!current || current.final || data.type !== "delta") return;
+    if (!current || data.type !== "delta") return;
     if (data.attempt > current.attempt) startAttempt(runId, data.attempt);
     if (data.attempt < current.attempt || data.seq <= current.seq) return; // seen already
     current.seq = data.seq;
     current.text += data.text;
+    current.li.dataset.streamed = current.text;
+    if (current.final) return;
     const follow = atBottom();
     current.li.querySelector(".text").textContent = current.text;
     if (follow) current.li.scrollIntoView({ block: "end" });
