@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from benchmarks import Figure, Options, append, http_ingest, projection, runs, sse
+from benchmarks import Figure, Options, append, audit, http_ingest, projection, runs, sse
 from benchmarks.env import Env, open_env
 
-SCENARIOS: tuple[ModuleType, ...] = (append, projection, runs, http_ingest, sse)
+SCENARIOS: tuple[ModuleType, ...] = (append, projection, runs, http_ingest, sse, audit)
 """Every scenario, in the order `python -m benchmarks` runs them. Add new modules here."""
 
 

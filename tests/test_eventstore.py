@@ -247,6 +247,12 @@ async def test_read_everything_from_a_position_with_filters(
     ]
     assert bounded == [*ra.positions, *rb.positions]
 
+    # The bound falls on an event the filter does not keep: nothing after it comes through.
+    bounded_filtered = [
+        e.position async for e in store.read(subjects=[a.filter], to_position=rb.last_position)
+    ]
+    assert bounded_filtered == list(ra.positions)
+
     two_filters = [
         e.position
         async for e in store.read(

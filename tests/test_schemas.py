@@ -46,6 +46,7 @@ EXAMPLE_DATA: dict[str, dict[str, Any]] = {
     "agentbus.workspace.member_added.v1": {"user_id": "ada", "role": "member"},
     "agentbus.workspace.member_role_changed.v1": {"user_id": "ada", "role": "admin"},
     "agentbus.workspace.member_removed.v1": {"user_id": "ada"},
+    "agentbus.workspace.redaction_mode_set.v1": {"mode": "keep"},
     "agentbus.user.created.v1": {"display_name": "Ada", "password_hash": "$argon2id$v=19$..."},
     "agentbus.user.password_changed.v1": {"password_hash": "$argon2id$v=19$..."},
     "agentbus.user.disabled.v1": {"reason": "left the company"},
@@ -58,6 +59,12 @@ EXAMPLE_DATA: dict[str, dict[str, Any]] = {
         "issued_by": "apikey:abc",
     },
     "agentbus.apikey.revoked.v1": {"by": "user:ada", "reason": "leaked"},
+    "agentbus.privacy.subject_forgotten.v1": {
+        "subject": "ada",
+        "key_id": "0123456789abcdef",
+        "by": "dpo",
+        "reason": "GDPR art. 17 request",
+    },
     "agentbus.session.opened.v1": {
         "channel": "web",
         "title": "Support",

@@ -58,3 +58,18 @@ class ProjectionTimeout(AgentbusError):
             f"projection {projection!r} reached position {reached}, not {wanted}, "
             f"within {timeout:g}s; retry later"
         )
+
+
+class SealBroken(InvalidEvent):
+    """A sealed personal field does not open with its subject's key: it was altered, or moved
+    from another event or field (docs/erasure.md). Tampering, not erasure."""
+
+
+class SubjectKeyUnavailable(StoreUnavailable):
+    """A sealed field's key is not loaded in this process yet (it is being fetched): retry.
+    Reads through the event store load keys before decoding and never see this."""
+
+
+class AuditError(AgentbusError):
+    """An audit command cannot do what was asked (no chain yet, an unreadable key or
+    checkpoints file). Tampering itself is a finding in a report, not this error."""

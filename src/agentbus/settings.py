@@ -8,6 +8,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agentbus.audit.redaction import (
+    DEFAULT_NATIONAL_IDS,
+    KINDS,
+    Redactor,
+    check_national_ids,
+    redactor,
+)
+
 
 class AgentConfig(BaseModel):
     """An agent: which executor runs it, with which options (model, URL, command, ...)."""
@@ -98,11 +106,38 @@ class Settings(BaseSettings):
     sse_buffer_bytes: int = Field(
         default=1024 * 1024, ge=4096, description="The same bound in bytes of event data."
     )
+    redaction_national_ids: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_NATIONAL_IDS),
+        description='National-id patterns masked in inbound text, as JSON {"name": "regex"} '
+        "(replaces the shipped us_ssn and uk_nino).",
+    )
+    redaction_kinds: tuple[str, ...] = Field(
+        default=KINDS,
+        description="What redaction looks for in inbound text (JSON list; default: every kind).",
+    )
+
+    @field_validator("redaction_national_ids")
+    @classmethod
+    def _national_ids_compile(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_national_ids(value)
+
+    @field_validator("redaction_kinds")
+    @classmethod
+    def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown redaction kinds {unknown}; known: {', '.join(KINDS)}")
+        return value
 
     @field_validator("nats_url", "database_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @property
+    def redactor(self) -> Redactor:
+        """The compiled redaction of inbound text for these settings (one per process)."""
+        return redactor(tuple(self.redaction_national_ids.items()), self.redaction_kinds)
 
     @property
     def embedded(self) -> bool:

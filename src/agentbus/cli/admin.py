@@ -28,13 +28,14 @@ from agentbus.domain.workspace import (
     WORKSPACE,
     CreateWorkspace,
     SetMember,
+    SetRedaction,
     WorkspaceExists,
     check_workspace_id,
 )
 from agentbus.events.envelope import EventContext
 from agentbus.events.identity import SYSTEM_WORKSPACE
 from agentbus.events.subjects import AggregateRef
-from agentbus.events.workspace import Role
+from agentbus.events.workspace import RedactionMode, Role
 from agentbus.gateway.auth import NewKey, hash_password, new_api_key
 from agentbus.runtime.secrets import BUCKET
 from agentbus.store.eventstore import EventStore
@@ -108,6 +109,13 @@ async def create_workspace(
 async def add_member(store: EventStore, workspace: str, user_id: str, role: Role) -> None:
     ref = AggregateRef(workspace, "workspace", workspace)
     await handle(store, WORKSPACE, ref, SetMember(check_user_id(user_id), role), context=_context())
+
+
+async def set_redaction(store: EventStore, workspace: str, mode: RedactionMode) -> bool:
+    """False: the workspace was in this mode already (nothing appended)."""
+    ref = AggregateRef(check_workspace_id(workspace), "workspace", workspace)
+    done = await handle(store, WORKSPACE, ref, SetRedaction(mode), context=_context())
+    return bool(done.events)
 
 
 async def create_user(store: EventStore, user_id: str, display_name: str, password: str) -> None:

@@ -15,12 +15,14 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from agentbus.audit.redaction import Redactor
 from agentbus.domain.handling import handle, load
 from agentbus.domain.session import SESSION, OpenSession, ReceiveMessage
+from agentbus.domain.workspace import WORKSPACE
 from agentbus.errors import AgentbusError
 from agentbus.events.envelope import EventContext, uuid7
 from agentbus.events.run import RunCancelled, RunFailed, RunTimedOut
-from agentbus.events.session import MessageSent
+from agentbus.events.session import MAX_TEXT, MessageSent
 from agentbus.events.subjects import AggregateRef
 from agentbus.store.eventstore import EventStore, RawEvent
 from agentbus.workers.autoreply import run_id_for
@@ -47,8 +49,15 @@ async def say(
     author: str = "you",
     on_delta: Callable[[str], None] = lambda _: None,
     timeout: float = 60.0,
+    redactor: Redactor | None = None,
 ) -> Reply:
-    """Post `text` into `session` and wait for the agent's reply (streaming deltas)."""
+    """Post `text` into `session` and wait for the agent's reply (streaming deltas). With a
+    `redactor`, the text is masked first unless the workspace keeps inbound text as sent."""
+    ws = session.workspace
+    if redactor is not None:
+        workspace, _ = await load(store, WORKSPACE, AggregateRef(ws, "workspace", ws))
+        if workspace.redaction == "mask":
+            text = redactor.redact(text, max_length=MAX_TEXT).text
     state, _ = await load(store, SESSION, session)
     if state.status == "new":
         await handle(store, SESSION, session, OpenSession("api", agent=agent))
@@ -74,7 +83,6 @@ async def say(
             detail = getattr(event, "message", None) or event.kind.name
             done.set_exception(ChatError(f"run {run_id} {event.kind.name}: {detail}"))
 
-    ws = session.workspace
     subscriptions = [
         await nc.subscribe(f"live.{ws}.run.{run_id}.>", cb=on_live),
         await nc.subscribe(f"evt.{ws}.session.{session.id}.message_sent", cb=on_session),

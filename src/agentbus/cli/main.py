@@ -12,39 +12,47 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from agentbus import __version__
 from agentbus.cli.audit import audit_app
+from agentbus.cli.replay import replay as replay_command
 from agentbus.errors import AgentbusError, EmbeddedServerError
 from agentbus.logs import configure_logging
 from agentbus.settings import Settings
 
 T = TypeVar("T")
 
+
+def _group(help: str) -> typer.Typer:
+    """A command group. Help texts are Markdown: paragraphs reflow to the terminal's width and
+    brackets (`[erased]`) are text, not rich markup."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode="markdown")
+
+
 app = typer.Typer(
+    rich_markup_mode="markdown",
     name="agentbus",
     help="Event-sourced message bus for AI-agent gateways (NATS JetStream + Postgres).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-streams_app = typer.Typer(help="JetStream stream definitions (streams/).", no_args_is_help=True)
-db_app = typer.Typer(help="Postgres read-model database.", no_args_is_help=True)
-schemas_app = typer.Typer(help="JSON Schemas and AsyncAPI of the events.", no_args_is_help=True)
-projections_app = typer.Typer(
-    help="Read models: status, blue-green rebuild, dead letters.", no_args_is_help=True
-)
-dlq_app = typer.Typer(help="Events a projection could not apply.", no_args_is_help=True)
+streams_app = _group("JetStream stream definitions (streams/).")
+db_app = _group("Postgres read-model database.")
+schemas_app = _group("JSON Schemas and AsyncAPI of the events.")
+projections_app = _group("Read models: status, blue-green rebuild, dead letters.")
+dlq_app = _group("Events a projection could not apply.")
 projections_app.add_typer(dlq_app, name="dlq")
-admin_app = typer.Typer(help="Workspaces, users and API keys.", no_args_is_help=True)
-admin_workspace_app = typer.Typer(help="Workspaces.", no_args_is_help=True)
-admin_user_app = typer.Typer(help="Users (password login).", no_args_is_help=True)
-admin_key_app = typer.Typer(help="API keys.", no_args_is_help=True)
+admin_app = _group("Workspaces, users and API keys.")
+admin_workspace_app = _group("Workspaces.")
+admin_user_app = _group("Users (password login).")
+admin_key_app = _group("API keys.")
 admin_app.add_typer(admin_workspace_app, name="workspace")
 admin_app.add_typer(admin_user_app, name="user")
-admin_budget_app = typer.Typer(help="Token budgets (hard limits).", no_args_is_help=True)
+admin_budget_app = _group("Token budgets (hard limits).")
 admin_app.add_typer(admin_key_app, name="apikey")
 admin_app.add_typer(admin_budget_app, name="budget")
 app.add_typer(admin_app, name="admin")
@@ -53,6 +61,7 @@ app.add_typer(streams_app, name="streams")
 app.add_typer(db_app, name="db")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(audit_app, name="audit")
+app.command("replay")(replay_command)
 
 # Piped output (scripts, CI) gets wide lines instead of rich's 80-column truncation.
 out = Console() if Console().is_terminal else Console(width=200)
@@ -65,7 +74,14 @@ DataDirOption = Annotated[
 
 
 def _settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:  # one clear line per bad setting, not a traceback
+        for problem in exc.errors():
+            name = "AGENTBUS_" + "_".join(str(part) for part in problem["loc"]).upper()
+            message = problem["msg"].removeprefix("Value error, ")
+            err.print(f"[bold red]error:[/] {name}: {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -170,15 +186,15 @@ async def _chat(
     agent: str,
     timeout: float,
 ) -> None:
+    from agentbus.audit.erasure import open_sealed_store
     from agentbus.cli.chat import say
     from agentbus.events.catalog import default_registry
     from agentbus.events.subjects import AggregateRef
     from agentbus.store.connection import connect_nats
-    from agentbus.store.eventstore import EventStore
 
     session = AggregateRef(workspace, "session", session_id)
     nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
-    store = EventStore(nc, default_registry(), timeout=settings.store_timeout)
+    store = await open_sealed_store(nc, default_registry(), timeout=settings.store_timeout)
     try:
         lines = [message] if message is not None else None
         while True:
@@ -201,6 +217,7 @@ async def _chat(
                 text,
                 agent=agent,
                 timeout=timeout,
+                redactor=settings.redactor,
                 on_delta=lambda piece: out.print(piece, end="", markup=False, highlight=False),
             )
             out.print()
@@ -706,13 +723,14 @@ def _admin(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     configure_logging(settings.log_format, "warning")
 
     async def go() -> T:
+        from agentbus.audit.erasure import open_sealed_store
         from agentbus.events.catalog import default_registry
         from agentbus.store.connection import connect_nats
-        from agentbus.store.eventstore import EventStore
 
         nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
         try:
-            return await work(EventStore(nc, default_registry(), timeout=settings.store_timeout))
+            store = await open_sealed_store(nc, default_registry(), timeout=settings.store_timeout)
+            return await work(store)
         finally:
             await nc.close()
 
@@ -767,6 +785,23 @@ def admin_workspace_member(
 
     _admin(lambda store: add_member(store, workspace, user, _role(role)))
     out.print(f"{user} is {role} in {workspace}")
+
+
+@admin_workspace_app.command("redaction")
+def admin_workspace_redaction(
+    workspace: Annotated[str, typer.Argument()],
+    mode: Annotated[
+        str, typer.Argument(help="mask (secrets and personal data masked) or keep (as sent).")
+    ],
+) -> None:
+    """Mask secrets and personal data in the workspace's inbound text, or keep it as sent."""
+    from agentbus.cli.admin import set_redaction
+
+    if mode not in ("mask", "keep"):
+        raise typer.BadParameter(f"unknown mode {mode!r}: mask or keep")
+    changed = _admin(lambda store: set_redaction(store, workspace, mode))  # type: ignore[arg-type]
+    state = "masked" if mode == "mask" else "kept as sent"
+    out.print(f"{workspace}: inbound text {state}" + ("" if changed else " (already so)"))
 
 
 @admin_user_app.command("create")

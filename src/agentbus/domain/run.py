@@ -121,6 +121,8 @@ class QueueRun:
     trigger_message_id: str | None = None
     max_attempts: int = 3
     deadline_at: datetime | None = None
+    author: str | None = None
+    """Whose message `input` is: its data subject (docs/erasure.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +239,7 @@ def decide(command: RunCommand, state: RunState) -> list[DomainEvent]:
                     trigger_message_id=command.trigger_message_id,
                     max_attempts=command.max_attempts,
                     deadline_at=command.deadline_at,
+                    author=command.author,
                 )
             ]
         case StartRun():

@@ -30,6 +30,7 @@ class PendingRun:
     run_id: str
     input: str
     trigger_message_id: str | None
+    author: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,7 @@ def evolve(state: SessionState, event: DomainEvent) -> SessionState:
             pending = tuple(p for p in state.pending if p.run_id != event.run_id)
             return replace(state, active_run=event.run_id, pending=pending)
         case RunEnqueued():
-            entry = PendingRun(event.run_id, event.input, event.trigger_message_id)
+            entry = PendingRun(event.run_id, event.input, event.trigger_message_id, event.author)
             return replace(state, pending=(*state.pending, entry))
         case RunReleased():
             pending = tuple(p for p in state.pending if p.run_id != event.run_id)
@@ -112,6 +113,8 @@ class AssignRun:
     run_id: str
     input: str
     trigger_message_id: str | None = None
+    author: str | None = None
+    """Whose message `input` is: its data subject (docs/erasure.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +205,7 @@ def decide(command: SessionCommand, state: SessionState) -> list[DomainEvent]:
                 run_id=command.run_id,
                 input=command.input,
                 trigger_message_id=command.trigger_message_id,
+                author=command.author,
             )
             if state.active_run is None:
                 return [assigned]
@@ -212,6 +216,7 @@ def decide(command: SessionCommand, state: SessionState) -> list[DomainEvent]:
                     run_id=command.run_id,
                     input=command.input,
                     trigger_message_id=command.trigger_message_id,
+                    author=command.author,
                 )
             ]
         case ReleaseRun():
@@ -227,6 +232,7 @@ def decide(command: SessionCommand, state: SessionState) -> list[DomainEvent]:
                         run_id=following.run_id,
                         input=following.input,
                         trigger_message_id=following.trigger_message_id,
+                        author=following.author,
                     )
                 )
             return released

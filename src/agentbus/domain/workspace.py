@@ -11,6 +11,8 @@ from agentbus.events.workspace import (
     MemberAdded,
     MemberRemoved,
     MemberRoleChanged,
+    RedactionMode,
+    RedactionModeSet,
     Role,
     WorkspaceCreated,
 )
@@ -33,6 +35,7 @@ class WorkspaceState:
     exists: bool = False
     display_name: str = ""
     members: dict[str, Role] = field(default_factory=dict)
+    redaction: RedactionMode = "mask"
 
 
 INITIAL = WorkspaceState()
@@ -48,6 +51,8 @@ def evolve(state: WorkspaceState, event: DomainEvent) -> WorkspaceState:
             return replace(
                 state, members={u: r for u, r in state.members.items() if u != event.user_id}
             )
+        case RedactionModeSet():
+            return replace(state, redaction=event.mode)
     return state
 
 
@@ -69,7 +74,14 @@ class RemoveMember:
     user_id: str
 
 
-WorkspaceCommand = CreateWorkspace | SetMember | RemoveMember
+@dataclass(frozen=True, slots=True)
+class SetRedaction:
+    """Mask secrets and personal data in inbound text (`mask`) or store it as sent (`keep`)."""
+
+    mode: RedactionMode
+
+
+WorkspaceCommand = CreateWorkspace | SetMember | RemoveMember | SetRedaction
 
 
 class InvalidWorkspaceId(DomainError):
@@ -113,6 +125,11 @@ def decide(command: WorkspaceCommand, state: WorkspaceState) -> list[DomainEvent
             if state.members[command.user_id] == "owner" and _owners(state) == 1:
                 raise LastOwner("the last owner cannot be removed")
             return [MemberRemoved(user_id=command.user_id)]
+        case SetRedaction():
+            _require(state)
+            if command.mode == state.redaction:
+                return []
+            return [RedactionModeSet(mode=command.mode)]
     raise TypeError(f"not a workspace command: {command!r}")
 
 

@@ -29,6 +29,7 @@ from agentbus.events.identity import (
     UserEnabled,
     UserPasswordChanged,
 )
+from agentbus.events.privacy import SubjectForgotten
 from agentbus.events.registry import DomainEvent, EventRegistry, Upcaster
 from agentbus.events.run import (
     RunCancelled,
@@ -56,6 +57,7 @@ from agentbus.events.workspace import (
     MemberAdded,
     MemberRemoved,
     MemberRoleChanged,
+    RedactionModeSet,
     WorkspaceCreated,
 )
 
@@ -64,6 +66,7 @@ EVENT_MODELS: tuple[type[DomainEvent], ...] = (
     MemberAdded,
     MemberRoleChanged,
     MemberRemoved,
+    RedactionModeSet,
     UserCreated,
     UserPasswordChanged,
     UserDisabled,
@@ -100,6 +103,7 @@ EVENT_MODELS: tuple[type[DomainEvent], ...] = (
     ApprovalDenied,
     ApprovalExpired,
     ApprovalRulesSet,
+    SubjectForgotten,
 )
 
 UPCASTERS: tuple[Upcaster, ...] = ()

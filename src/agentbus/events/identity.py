@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from agentbus.events.privacy import Personal
 from agentbus.events.registry import DomainEvent, EventKind
 from agentbus.events.workspace import Role
 
@@ -19,6 +20,8 @@ SYSTEM_WORKSPACE = "_system"
 
 class UserCreated(DomainEvent):
     kind: ClassVar[EventKind] = EventKind("user", "created", 1)
+    # A person's name: sealed with the user's key (the subject is the user id, in `_system`).
+    personal: ClassVar[Personal] = Personal(fields=("display_name",))
 
     display_name: str = Field(min_length=1, max_length=200)
     password_hash: str = Field(min_length=1, max_length=500)

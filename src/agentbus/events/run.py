@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from agentbus.events.privacy import Personal
 from agentbus.events.registry import DomainEvent, EventKind
 
 ErrorClass = Literal[
@@ -19,6 +20,8 @@ class RunQueued(DomainEvent):
     """A run was requested: by an inbound chat message (auto-reply) or through the API."""
 
     kind: ClassVar[EventKind] = EventKind("run", "queued", 1)
+    # `input` copies the triggering message's text: sealed with its author's key.
+    personal: ClassVar[Personal] = Personal(fields=("input",), subject="author")
 
     agent: str = Field(min_length=1, max_length=64)
     executor: str = Field(min_length=1, max_length=64)
@@ -27,6 +30,9 @@ class RunQueued(DomainEvent):
     trigger_message_id: str | None = Field(default=None, max_length=64)
     max_attempts: int = Field(default=3, ge=1, le=100)
     deadline_at: datetime | None = None
+    author: str | None = Field(
+        default=None, max_length=200, description="whose words `input` is (its data subject)"
+    )
 
 
 class RunStarted(DomainEvent):

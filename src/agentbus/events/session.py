@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from agentbus.events.privacy import Personal
 from agentbus.events.registry import DomainEvent, EventKind
 
 Channel = Literal["web", "api", "telegram", "feishu", "wecom"]
@@ -38,6 +39,8 @@ class MessageReceived(DomainEvent):
     """A person (or a channel) wrote into the session."""
 
     kind: ClassVar[EventKind] = EventKind("session", "message_received", 1)
+    # What the person wrote is theirs: sealed with the author's key (docs/erasure.md).
+    personal: ClassVar[Personal] = Personal(fields=("text",), subject="author")
 
     message_id: str = Field(min_length=1, max_length=64)
     author: str = Field(min_length=1, max_length=200)
@@ -62,20 +65,29 @@ class RunAssigned(DomainEvent):
     """Run `run_id` now answers this session (the session's active run)."""
 
     kind: ClassVar[EventKind] = EventKind("session", "run_assigned", 1)
+    # `input` copies a message's text: sealed with its author's key, as the message is.
+    personal: ClassVar[Personal] = Personal(fields=("input",), subject="author")
 
     run_id: str = Field(min_length=1, max_length=64)
     input: str = Field(max_length=MAX_TEXT)
     trigger_message_id: str | None = Field(default=None, max_length=64)
+    author: str | None = Field(
+        default=None, max_length=200, description="whose words `input` is (its data subject)"
+    )
 
 
 class RunEnqueued(DomainEvent):
     """A run waits for the active run to end (policy `enqueue`)."""
 
     kind: ClassVar[EventKind] = EventKind("session", "run_enqueued", 1)
+    personal: ClassVar[Personal] = Personal(fields=("input",), subject="author")
 
     run_id: str = Field(min_length=1, max_length=64)
     input: str = Field(max_length=MAX_TEXT)
     trigger_message_id: str | None = Field(default=None, max_length=64)
+    author: str | None = Field(
+        default=None, max_length=200, description="whose words `input` is (its data subject)"
+    )
 
 
 class RunInterrupted(DomainEvent):

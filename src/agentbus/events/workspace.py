@@ -9,6 +9,9 @@ from pydantic import Field
 from agentbus.events.registry import DomainEvent, EventKind
 
 Role = Literal["owner", "admin", "member", "viewer", "auditor"]
+RedactionMode = Literal["mask", "keep"]
+"""What happens to secrets and personal data in inbound text: masked before the event is
+written (`mask`, the default), or stored as sent (`keep`)."""
 
 
 class WorkspaceCreated(DomainEvent):
@@ -37,3 +40,12 @@ class MemberRemoved(DomainEvent):
     kind: ClassVar[EventKind] = EventKind("workspace", "member_removed", 1)
 
     user_id: str = Field(min_length=1, max_length=64)
+
+
+class RedactionModeSet(DomainEvent):
+    """Inbound text of this workspace is masked (`mask`) or stored as sent (`keep`) from now
+    on. Before the first of these events a workspace masks."""
+
+    kind: ClassVar[EventKind] = EventKind("workspace", "redaction_mode_set", 1)
+
+    mode: RedactionMode

@@ -14,9 +14,18 @@ from sqlalchemy import text
 
 from agentbus import __version__
 from agentbus.gateway.auth import Identities
+from agentbus.gateway.ingest import FastIngest
 from agentbus.gateway.limits import BodyLimit, RateLimiter
 from agentbus.gateway.problems import PROBLEM_JSON, install_problem_handlers
-from agentbus.gateway.routes import admin, approvals, budget, conversations, streams, webchat
+from agentbus.gateway.routes import (
+    admin,
+    approvals,
+    budget,
+    conversations,
+    history,
+    streams,
+    webchat,
+)
 from agentbus.projections.catalog import all_projections
 from agentbus.projections.generations import ensure_generations
 from agentbus.projections.health import projection_health, prometheus_text
@@ -50,9 +59,13 @@ def create_app(platform: Platform, *, rate: float = 50.0, burst: float = 100.0) 
         version=__version__,
         summary="Event-sourced message bus for AI-agent gateways",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks: agentbus configures no OpenTelemetry provider, and
+        # the check for one on every request cost ~6% of a post (docs/benchmarks.md).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.platform = platform
     app.state.rate_limiter = RateLimiter(rate=rate, burst=burst)
+    app.add_middleware(FastIngest)  # inside BodyLimit: see gateway/ingest.py
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     install_problem_handlers(app)
     app.include_router(admin.router)
@@ -60,6 +73,7 @@ def create_app(platform: Platform, *, rate: float = 50.0, burst: float = 100.0) 
     app.include_router(budget.router)
     app.include_router(approvals.router)
     app.include_router(streams.router)
+    app.include_router(history.router)
     webchat.install(app)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")

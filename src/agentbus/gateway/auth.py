@@ -35,7 +35,7 @@ from agentbus.domain.workspace import WORKSPACE, WorkspaceState
 from agentbus.errors import AgentbusError
 from agentbus.events.identity import SYSTEM_WORKSPACE
 from agentbus.events.subjects import AggregateRef
-from agentbus.events.workspace import Role
+from agentbus.events.workspace import RedactionMode, Role
 from agentbus.store.eventstore import EventStore
 
 KEY_PREFIX = "ab"
@@ -154,6 +154,8 @@ class Identities:
         self._nc = nc
         self.cookie_secret = cookie_secret
         self._cache: dict[str, tuple[Any, int]] = {}
+        self._changes = 0
+        """Invalidations so far: a load overtaken by one is used but not cached."""
         self._subscriptions: list[Subscription] = []
 
     async def start(self) -> None:
@@ -168,9 +170,11 @@ class Identities:
     async def _changed(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
         if len(parts) == 5:
+            self._changes += 1
             self._cache.pop(".".join(parts[1:4]), None)
 
     def forget(self, ref: AggregateRef) -> None:
+        self._changes += 1
         self._cache.pop(f"{ref.workspace}.{ref.kind}.{ref.id}", None)
 
     async def _state(self, decider: Decider[Any, Any], ref: AggregateRef) -> Any:
@@ -178,8 +182,10 @@ class Identities:
         cached = self._cache.get(key)
         if cached is not None:
             return cached[0]
+        changes = self._changes
         state, position = await load(self._store, decider, ref)
-        self._cache[key] = (state, position)
+        if changes == self._changes:  # else it may predate an event that arrived meanwhile
+            self._cache[key] = (state, position)
         return state
 
     async def user(self, user_id: str) -> UserState:
@@ -197,6 +203,11 @@ class Identities:
             WORKSPACE, AggregateRef(workspace, "workspace", workspace)
         )
         return state
+
+    async def redaction(self, workspace: str) -> RedactionMode:
+        """How the workspace treats secrets and personal data in inbound text (cached like
+        its members: no stream read per message)."""
+        return (await self.workspace(workspace)).redaction
 
     async def authenticate(self, authorization: str | None, cookie: str | None) -> Principal:
         if authorization:

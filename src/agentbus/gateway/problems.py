@@ -162,20 +162,26 @@ def problem(status: int, title: str, detail: str, kind: str, **extra: Any) -> JS
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+def agentbus_problem(exc: AgentbusError) -> JSONResponse:
+    """The answer to an agentbus error (its status from the table above)."""
+    for error_type, status, kind in _STATUS:
+        if isinstance(exc, error_type):
+            extra: dict[str, Any] = {}
+            if isinstance(exc, RateLimited):
+                extra["retry_after"] = exc.retry_after
+            if isinstance(exc, ConcurrencyConflict):
+                extra["actual_position"] = exc.actual
+            if isinstance(exc, ApprovalAlreadyDecided):
+                extra["original"] = exc.original.as_dict()
+            return problem(status, type(exc).__name__, str(exc), kind, **extra)
+    log.error("unmapped error", error=repr(exc))
+    return problem(500, "Internal error", "an unexpected error occurred", "internal")
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_agentbus_error(_: Request, exc: Exception) -> JSONResponse:
-        for error_type, status, kind in _STATUS:
-            if isinstance(exc, error_type):
-                extra: dict[str, Any] = {}
-                if isinstance(exc, RateLimited):
-                    extra["retry_after"] = exc.retry_after
-                if isinstance(exc, ConcurrencyConflict):
-                    extra["actual_position"] = exc.actual
-                if isinstance(exc, ApprovalAlreadyDecided):
-                    extra["original"] = exc.original.as_dict()
-                return problem(status, type(exc).__name__, str(exc), kind, **extra)
-        log.error("unmapped error", error=repr(exc))
-        return problem(500, "Internal error", "an unexpected error occurred", "internal")
+        assert isinstance(exc, AgentbusError)
+        return agentbus_problem(exc)
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)

@@ -782,6 +782,11 @@ class Connection:
                     await self._close_run(run_id)
         source.position = raw.position
         data = raw.data
+        try:  # sealed personal fields go out opened (docs/erasure.md)
+            if source.store.open_sealed(envelope):
+                data = orjson.dumps(envelope)
+        except AgentbusError as exc:
+            log.warning("sse sent an event sealed", position=raw.position, error=str(exc))
         if b"\n" in data or b"\r" in data:  # (orjson never writes raw newlines; be sure)
             data = orjson.dumps(envelope)
         self._frame(kind, data)

@@ -99,6 +99,7 @@ async def retry_dead_letters(
     for row in rows:
         raw_event = RawEvent(row.position, row.subject, bytes(row.payload), None, 0)
         try:
+            await store.prepare(raw_event)  # the keys of sealed fields (docs/erasure.md)
             recorded = store.decode(raw_event)
             handler = handlers.get(type(recorded.event))
             writes = list(handler(recorded)) if handler is not None else []

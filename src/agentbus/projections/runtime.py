@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import structlog
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentbus.db.engine import driver_connection
+from agentbus.db.leadership import Leadership, leadership, sleep_or_stop
 from agentbus.errors import AgentbusError
 from agentbus.projections.generations import (
     Generation,
@@ -39,6 +38,7 @@ from agentbus.projections.generations import (
     try_swap,
 )
 from agentbus.projections.projection import Handler, Projection, Write
+from agentbus.store.batches import Batches, ReaderEnded
 from agentbus.store.eventstore import EventStore, RawEvent
 
 log = structlog.get_logger("agentbus.projections")
@@ -94,13 +94,15 @@ class ProjectionWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Wait to become the active instance, then project until `stop` or retirement."""
+        key = f"agentbus:projection:{self.projection.name}:{self.generation}"
         while not stop.is_set():
-            async with self._leadership(stop) as leader:
-                if not leader:
+            async with leadership(self._engine, key, stop, self._options.lock_poll) as held:
+                if held is None:
                     return
+                self._log.info("active instance")
                 try:
-                    finished = await self._project(stop)
-                except LostLeadership as exc:
+                    finished = await self._project(stop, held)
+                except (LostLeadership, ReaderEnded) as exc:
                     self._log.info("lost leadership", reason=str(exc))
                     finished = False
                 except (OSError, asyncpg.PostgresConnectionError) as exc:
@@ -108,53 +110,10 @@ class ProjectionWorker:
                     finished = False
                 if finished:
                     return
-            await _sleep_or_stop(stop, self._options.lock_poll)
+            await sleep_or_stop(stop, self._options.lock_poll)
 
-    @contextlib.asynccontextmanager
-    async def _leadership(self, stop: asyncio.Event) -> AsyncIterator[bool]:
-        """Hold the generation's advisory lock for the duration (False: stopped waiting)."""
-        key = f"agentbus:projection:{self.projection.name}:{self.generation}"
-        async with self._engine.connect() as connection:
-            while not stop.is_set():
-                got = await connection.scalar(
-                    text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": key}
-                )
-                await connection.commit()
-                if got:
-                    break
-                await _sleep_or_stop(stop, self._options.lock_poll)
-            else:
-                yield False
-                return
-            self._log.info("active instance")
-            watchdog = asyncio.create_task(self._watch(connection))
-            try:
-                yield True
-            finally:
-                watchdog.cancel()
-                with contextlib.suppress(Exception):
-                    await connection.execute(
-                        text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key}
-                    )
-                    await connection.commit()
-
-    async def _watch(self, connection: AsyncConnection) -> None:
-        """Notice a dropped lock connection (the lock is then gone too)."""
-        with contextlib.suppress(asyncio.CancelledError):
-            while True:
-                await asyncio.sleep(self._options.lock_poll)
-                try:
-                    await connection.execute(text("SELECT 1"))
-                    await connection.commit()
-                except Exception:
-                    self._lock_lost = True
-                    return
-
-    _lock_lost = False
-
-    async def _project(self, stop: asyncio.Event) -> bool:
+    async def _project(self, stop: asyncio.Event, held: Leadership) -> bool:
         """Project until stopped (False) or until this generation is retired / halted (True)."""
-        self._lock_lost = False
         state = await self._state()
         if state is None or state.status == "retired":
             return True
@@ -162,21 +121,22 @@ class ProjectionWorker:
             self._log.warning("halted", reason=state.halted)
             return await self._wait_unhalted(stop)
         position = state.position
-        queue: asyncio.Queue[RawEvent] = asyncio.Queue(maxsize=self._options.batch_size * 4)
-        reader = asyncio.create_task(self._read(position + 1, queue))
         applied = dead = 0
-        try:
+        options = self._options
+        async with Batches(
+            self._store, position + 1, size=options.batch_size, linger=options.linger
+        ) as batches:
             while not stop.is_set():
-                batch = await self._next_batch(queue, reader)
+                batch = await batches.next()
                 if not batch:
                     continue
-                if self._lock_lost:
+                if held.lost.is_set():
                     raise LostLeadership("the lock connection dropped")
                 outcome = await self._apply(batch, position)
                 position = outcome.position
                 applied += outcome.applied
                 dead += outcome.dead_letters
-                caught_up = batch[-1].pending == 0 and queue.empty()
+                caught_up = batch[-1].pending == 0 and batches.drained
                 if self._on_progress is not None:
                     self._on_progress(Progress(self.generation, position, applied, dead, caught_up))
                 if outcome.halted:
@@ -185,44 +145,7 @@ class ProjectionWorker:
                     self._engine, self.projection, self.generation, caught_up=caught_up
                 ):
                     self._log.info("swapped live", position=position)
-            return False
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
-
-    async def _read(self, start: int, queue: asyncio.Queue[RawEvent]) -> None:
-        async for raw in self._store.read_raw(from_position=start, follow=True):
-            await queue.put(raw)
-
-    async def _next_batch(
-        self, queue: asyncio.Queue[RawEvent], reader: asyncio.Task[None]
-    ) -> list[RawEvent]:
-        """Up to `batch_size` events: waits up to 0.5 s for the first (then returns empty so the
-        caller can check for stop), then at most `linger` for more."""
-        try:
-            first = await asyncio.wait_for(queue.get(), 0.5)
-        except TimeoutError:
-            if reader.done():
-                reader.result()  # re-raise why the reader ended
-                raise LostLeadership("the event reader ended") from None
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self._options.linger
-        while len(batch) < self._options.batch_size:
-            try:
-                batch.append(queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(queue.get(), remaining))
-            except TimeoutError:
-                break
-        return batch
+        return False
 
     async def _state(self) -> Generation | None:
         async with self._engine.connect() as connection:
@@ -241,7 +164,7 @@ class ProjectionWorker:
                 return True
             if not state.halted:
                 return False
-            await _sleep_or_stop(stop, self._options.lock_poll)
+            await sleep_or_stop(stop, self._options.lock_poll)
         return False
 
     # ------------------------------------------------------------------ applying
@@ -412,11 +335,6 @@ def _merged(
     return list(folded.values())
 
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-
-
 class Projector:
     """The projector role: one worker per runnable generation of every projection."""
 
@@ -438,7 +356,7 @@ class Projector:
         try:
             while not stop.is_set():
                 await self._reconcile(stop)
-                await _sleep_or_stop(stop, self._options.scan_interval)
+                await sleep_or_stop(stop, self._options.scan_interval)
         finally:
             for task in self._workers.values():
                 task.cancel()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
+from agentbus.audit.sealing import ERASED
+from agentbus.events.privacy import SubjectForgotten
 from agentbus.events.registry import DomainEvent
 from agentbus.events.session import MessageReceived, MessageSent, SessionClosed, SessionOpened
 from agentbus.projections.projection import Handler, Projection, Statement, Write
@@ -45,6 +47,15 @@ CLOSE_SESSION = Statement(
           SET status = 'closed', closed_at = $3, close_reason = $4,
               position = GREATEST(position, $5)
         WHERE workspace = $1 AND id = $2""",
+)
+ERASE_SUBJECT = Statement(
+    "erase_subject",
+    # Only what was written before the erasure: the same rows whatever the batch cuts (rows
+    # after it are inserted later or, within a batch, have a higher position), and the same
+    # as a rebuild, which reads those texts as [erased] anyway (their key is gone).
+    f"""UPDATE {{messages}} SET text = '{ERASED}'
+         WHERE workspace = $1 AND author = $2 AND direction = 'in' AND position < $3
+           AND text <> '{ERASED}'""",
 )
 
 
@@ -92,6 +103,7 @@ class SessionsProjection(Projection):
         INSERT_MESSAGE,
         COUNT_MESSAGE,
         CLOSE_SESSION,
+        ERASE_SUBJECT,
     )
 
     def handlers(self) -> Mapping[type[DomainEvent], Handler]:
@@ -100,6 +112,7 @@ class SessionsProjection(Projection):
             SessionClosed: self.closed,
             MessageReceived: self.message,
             MessageSent: self.message,
+            SubjectForgotten: self.forgotten,
         }
 
     @staticmethod
@@ -145,3 +158,10 @@ class SessionsProjection(Projection):
             event.run_id if isinstance(event, MessageSent) else None,
         )
         yield COUNT_MESSAGE.row(ref.workspace, ref.id, recorded.time, recorded.position, 1)
+
+    @staticmethod
+    def forgotten(recorded: RecordedEvent) -> Iterator[Write]:
+        """A forgotten subject's messages keep no text (docs/erasure.md)."""
+        event = recorded.event
+        assert isinstance(event, SubjectForgotten)
+        yield ERASE_SUBJECT.row(recorded.ref.workspace, event.subject, recorded.position)

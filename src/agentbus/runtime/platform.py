@@ -8,6 +8,7 @@ from nats.aio.client import Client as NATS
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentbus.audit.erasure import open_sealed_store
 from agentbus.db.engine import create_engine
 from agentbus.errors import StoreUnavailable
 from agentbus.events.catalog import default_registry
@@ -38,9 +39,17 @@ class Platform:
             await nc.close()
             await engine.dispose()
             raise StoreUnavailable(f"cannot reach Postgres: {exc}") from exc
-        store = EventStore(nc, default_registry(), timeout=settings.store_timeout)
+        try:
+            # Sealing is always on: forgetting a subject must cover every event (erasure.md).
+            store = await open_sealed_store(nc, default_registry(), timeout=settings.store_timeout)
+        except StoreUnavailable:
+            await nc.close()
+            await engine.dispose()
+            raise
         return cls(settings, nats_url, database_url, nc, store, engine)
 
     async def close(self) -> None:
+        if self.store.sealer is not None:
+            await self.store.sealer.close()
         await self.nc.drain() if self.nc.is_connected else await self.nc.close()
         await self.engine.dispose()

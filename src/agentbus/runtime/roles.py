@@ -10,6 +10,7 @@ from typing import Literal, get_args
 import structlog
 import uvicorn
 
+from agentbus.audit.notary import Notary, notary_key
 from agentbus.gateway.app import create_app
 from agentbus.gateway.sse import end_streams
 from agentbus.projections.catalog import all_projections
@@ -60,6 +61,9 @@ async def run_roles(
     if "projector" in roles:
         projector = Projector(all_projections(), platform.store, platform.engine)
         tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
+        # The notary keeps the hash chain over EVENTS beside the read models (docs/audit.md).
+        notary = Notary(platform.store, platform.engine, await notary_key(platform.nc))
+        tasks.append(asyncio.create_task(notary.run(stop), name="notary"))
     if "worker" in roles:
         settings = platform.settings
         worker = RunWorker(

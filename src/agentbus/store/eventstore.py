@@ -23,8 +23,8 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Final
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from nats.aio.client import Client as NATS
@@ -34,10 +34,15 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
+from agentbus.audit.sealing import SEALED_MARK, SubjectKey, seal_data
 from agentbus.errors import ConcurrencyConflict, InvalidEvent, StoreUnavailable
 from agentbus.events.envelope import CloudEvent, EventContext, utcnow, uuid7
+from agentbus.events.privacy import Personal
 from agentbus.events.registry import DomainEvent, EventRegistry
 from agentbus.events.subjects import EVENTS_PREFIX, AggregateRef
+
+if TYPE_CHECKING:
+    from agentbus.audit.erasure import Sealer
 
 EVENTS_STREAM: Final = "EVENTS"
 MAX_BATCH: Final = 1000  # JetStream's limit for one atomic batch
@@ -151,16 +156,24 @@ class EventStore:
         *,
         stream: str = EVENTS_STREAM,
         timeout: float = 5.0,
+        sealer: Sealer | None = None,
     ) -> None:
         self._nc = nc
         self._registry = registry
         self._stream = stream
         self._timeout = timeout
         self._replies = _Replies(nc)
+        self._sealer = sealer
+        """Seals personal fields at append and opens them at every read (docs/erasure.md);
+        None: events are written and read as they are."""
 
     @property
     def registry(self) -> EventRegistry:
         return self._registry
+
+    @property
+    def sealer(self) -> Sealer | None:
+        return self._sealer
 
     @property
     def stream(self) -> str:
@@ -187,6 +200,12 @@ class EventStore:
         answer within the timeout (outcome unknown: retry with the same ids).
         """
         ids = _checked_ids(ref, events, event_ids)
+        seals = None
+        if self._sealer is not None:
+            try:
+                seals = self._sealer.cached_seals(ref, events)
+            except KeyError:  # a key to load (or create) first
+                seals = await self._sealer.seals_for(ref, events)
         headers = {"Nats-Msg-Id": ids[0]}
         if expect.position is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expect.position)
@@ -196,14 +215,17 @@ class EventStore:
                 event = events[0]
                 reply = await self._replies.request(
                     ref.subject(event.kind.name),
-                    encode_event(ref, event, ids[0], context),
+                    encode_event(ref, event, ids[0], context, seals[0] if seals else None),
                     headers,
                     self._timeout,
                 )
             else:
                 messages = [
-                    (ref.subject(event.kind.name), encode_event(ref, event, event_id, context))
-                    for event, event_id in zip(events, ids, strict=True)
+                    (
+                        ref.subject(event.kind.name),
+                        encode_event(ref, event, event_id, context, seals[i] if seals else None),
+                    )
+                    for i, (event, event_id) in enumerate(zip(events, ids, strict=True))
                 ]
                 reply = await self._publish_batch(messages, ids, headers)
         except MaxPayloadError as exc:
@@ -306,14 +328,13 @@ class EventStore:
         """
         if after < 0:
             raise ValueError(f"positions start at 1, got after={after}")
-        events = [
-            self._decode(
-                int((msg.headers or {})["Nats-Sequence"]),
-                (msg.headers or {})["Nats-Subject"],
-                msg.data,
+        events = []
+        async for msg in self._direct_get(ref.filter, after + 1):
+            await self._load_keys(msg.data)
+            headers = msg.headers or {}
+            events.append(
+                self._decode(int(headers["Nats-Sequence"]), headers["Nats-Subject"], msg.data)
             )
-            async for msg in self._direct_get(ref.filter, after + 1)
-        ]
         return AggregateHistory(tuple(events), events[-1].position if events else after)
 
     async def last_positions(self, subject_filters: Sequence[str]) -> dict[str, int]:
@@ -350,7 +371,28 @@ class EventStore:
             if headers["Status"] == "404":
                 return None
             raise StoreUnavailable(f"direct get failed: {headers}")
+        await self._load_keys(reply.data)
         return self._decode(int(headers["Nats-Sequence"]), headers["Nats-Subject"], reply.data)
+
+    async def position_at(self, time: datetime) -> int | None:
+        """The position of the first event JetStream stored at or after `time` (aware), or
+        None when there is none yet. One direct get by start time: stored times follow
+        positions, so this turns a time into a position (replays from a time)."""
+        stamp = time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        try:
+            reply = await self._nc.request(
+                f"$JS.API.DIRECT.GET.{self._stream}",
+                orjson.dumps({"start_time": stamp}),
+                timeout=self._timeout,
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise StoreUnavailable(f"direct get at time {stamp} timed out") from exc
+        headers = reply.headers or {}
+        if "Status" in headers:
+            if headers["Status"] == "404":
+                return None
+            raise StoreUnavailable(f"direct get at time {stamp} failed: {headers}")
+        return int(headers["Nats-Sequence"])
 
     async def last_position(self) -> int:
         """The stream's last position (0 when empty)."""
@@ -449,6 +491,9 @@ class EventStore:
                 meta = msg.metadata
                 position = meta.sequence.stream
                 pending = meta.num_pending or 0
+                if until is not None and position > until:
+                    return  # filtered: the event at `until` may not match, the next one does
+                await self._load_keys(msg.data)  # so that `decode` has the keys
                 yield RawEvent(position, msg.subject, msg.data, meta.timestamp, pending)
                 if until is not None and position >= until:
                     return
@@ -483,6 +528,7 @@ class EventStore:
             if "Status" in headers:  # the end of the batch
                 break
             stamp = headers.get("Nats-Time-Stamp")
+            await self._load_keys(msg.data)
             page.append(
                 RawEvent(
                     int(headers["Nats-Sequence"]),
@@ -512,9 +558,35 @@ class EventStore:
                         f"reading {self._stream} stalled for {self._timeout:g}s"
                     ) from None
 
+    async def _load_keys(self, data: bytes) -> None:
+        """Load the subject keys a sealed payload needs, before it is decoded (nothing to do
+        for a payload without sealed fields, or without a sealer)."""
+        if self._sealer is not None and SEALED_MARK in data and not self._sealer.ready(data):
+            await self._sealer.prepare(data)
+
     def decode(self, raw: RawEvent) -> RecordedEvent:
-        """Decode (and upcast) a raw event; `InvalidEvent` / `UnknownEventType` if it can't be."""
+        """Decode (and upcast) a raw event; `InvalidEvent` / `UnknownEventType` if it can't be.
+
+        Sealed personal fields are opened (`[erased]` when their key was destroyed). Raw events
+        from this store's reads have their keys loaded already; for one received elsewhere (a
+        consumer of its own), an unloaded key raises `SubjectKeyUnavailable` (retryable; the
+        key is being loaded) unless `await prepare(raw)` came first."""
         return self._decode(raw.position, raw.subject, raw.data)
+
+    async def prepare(self, raw: RawEvent) -> None:
+        """Load the keys `decode(raw)` will need (nothing to do without sealed fields)."""
+        await self._load_keys(raw.data)
+
+    def open_sealed(self, envelope: dict[str, Any]) -> bool:
+        """Open the sealed personal fields of a CloudEvent parsed as plain JSON, in place (for
+        code that forwards raw events, as the SSE bridge does). True when it changed."""
+        sealer = self._sealer
+        if sealer is None or envelope.get("type") not in sealer.personal:
+            return False
+        event = CloudEvent.model_validate(envelope)
+        sealer.open_envelope(event)
+        envelope["data"] = event.data
+        return True
 
     async def _direct_get(self, subject_filter: str, from_position: int) -> AsyncIterator[Msg]:
         """Every message on `subject_filter` from a position: batched direct gets of 1000 (no
@@ -574,6 +646,8 @@ class EventStore:
             raise InvalidEvent(
                 f"position {position} ({subject}) is not a CloudEvent: {exc}"
             ) from exc
+        if self._sealer is not None and envelope.type in self._sealer.personal:
+            self._sealer.open_envelope(envelope)
         return RecordedEvent(
             position=position,
             subject=subject,
@@ -652,9 +726,18 @@ class _Replies:
 
 
 def encode_event(
-    ref: AggregateRef, event: DomainEvent, event_id: str, context: EventContext
+    ref: AggregateRef,
+    event: DomainEvent,
+    event_id: str,
+    context: EventContext,
+    seal: tuple[Personal, SubjectKey] | None = None,
 ) -> bytes:
-    """The structured-mode CloudEvent JSON of `event` (pure; orjson for speed)."""
+    """The structured-mode CloudEvent JSON of `event` (pure; orjson for speed), its personal
+    fields sealed with `seal`'s key when given."""
+    # = model_dump(mode="json") without its keyword plumbing: ~0.5 µs less per event.
+    data = event.__pydantic_serializer__.to_python(event, mode="json")
+    if seal is not None:
+        seal_data(seal[0], seal[1], event_id, data)
     envelope: dict[str, Any] = {
         "specversion": "1.0",
         "id": event_id,
@@ -663,8 +746,7 @@ def encode_event(
         "subject": ref.path,
         "time": utcnow(),
         "datacontenttype": "application/json",
-        # = model_dump(mode="json") without its keyword plumbing: ~0.5 µs less per event.
-        "data": event.__pydantic_serializer__.to_python(event, mode="json"),
+        "data": data,
         "workspace": ref.workspace,
     }
     if context.traceparent is not None:

@@ -64,6 +64,7 @@ class AutoReply:
         meta = message.metadata
         raw = RawEvent(meta.sequence.stream, message.subject, message.data, meta.timestamp, 0)
         try:
+            await self._store.prepare(raw)  # the keys of sealed fields (docs/erasure.md)
             recorded = self._store.decode(raw)
             await self._react(recorded)
             await message.ack()
@@ -88,7 +89,9 @@ class AutoReply:
                 state, _ = await load(self._store, SESSION, recorded.ref)
                 if state.agent is None:
                     return
-                assign = AssignRun(run_id_for(recorded.id), event.text, event.message_id)
+                assign = AssignRun(
+                    run_id_for(recorded.id), event.text, event.message_id, author=event.author
+                )
                 await handle(self._store, SESSION, recorded.ref, assign, context=context)
             case RunAssigned():
                 await self._queue(recorded.ref, event, context)
@@ -118,6 +121,7 @@ class AutoReply:
             trigger_message_id=event.trigger_message_id,
             max_attempts=config.max_attempts,
             deadline_at=datetime.now(UTC) + timedelta(seconds=config.timeout),
+            author=event.author,
         )
         run = AggregateRef(session.workspace, "run", event.run_id)
         queued, _ = await load(self._store, RUN, run)

@@ -26,12 +26,13 @@ from agentbus.domain.workspace import (
     CreateWorkspace,
     RemoveMember,
     SetMember,
+    SetRedaction,
     check_workspace_id,
 )
 from agentbus.events.envelope import EventContext
 from agentbus.events.identity import SYSTEM_WORKSPACE
 from agentbus.events.subjects import AggregateRef
-from agentbus.events.workspace import Role
+from agentbus.events.workspace import RedactionMode, Role
 from agentbus.gateway.auth import (
     COOKIE,
     COOKIE_MAX_AGE,
@@ -88,6 +89,10 @@ class WorkspaceOut(BaseModel):
     display_name: str
     members: dict[str, Role]
     your_role: str
+    redaction: RedactionMode = Field(
+        description="mask: secrets and personal data in inbound text are masked before they "
+        "are stored; keep: stored as sent"
+    )
     agents: list[str] = Field(description="the agents a session can have in this deployment")
 
 
@@ -129,6 +134,7 @@ async def get_workspace(request: Request, access: Reader, platform: PlatformDep)
         members=members,
         your_role=access.role,
         agents=sorted(platform.settings.agents),
+        redaction=state.redaction,
     )
 
 
@@ -179,6 +185,35 @@ async def remove_member(
     ref = AggregateRef(access.workspace, "workspace", access.workspace)
     done = await handle(
         platform.store, WORKSPACE, ref, RemoveMember(user_id), context=context(access.principal)
+    )
+    identities(request).forget(ref)
+    return Recorded(event_ids=[], position=done.position)
+
+
+class RedactionIn(BaseModel):
+    model_config = _STRICT
+    mode: RedactionMode = Field(
+        description="mask (the default of every workspace) or keep (store inbound text as sent)"
+    )
+
+
+@router.put(
+    "/workspaces/{ws}/redaction",
+    status_code=202,
+    tags=["workspaces"],
+    summary="Mask secrets and personal data in inbound text, or keep it as sent",
+    responses={**WORKSPACE_ADMIN, **problem_responses(413)},
+)
+async def set_redaction(
+    body: RedactionIn, request: Request, platform: PlatformDep, access: Admin
+) -> Recorded:
+    ref = AggregateRef(access.workspace, "workspace", access.workspace)
+    done = await handle(
+        platform.store,
+        WORKSPACE,
+        ref,
+        SetRedaction(body.mode),
+        context=context(access.principal),
     )
     identities(request).forget(ref)
     return Recorded(event_ids=[], position=done.position)

@@ -1,4 +1,4 @@
-"""Sessions, their messages, runs, and the workspace's event history.
+"""Sessions, their messages, and runs (the event history: `history.py`).
 
 Commands answer 202 with the event ids and stream position once JetStream has acknowledged
 them (durable). Queries read the projections and accept `min_position`: they wait (bounded)
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query
+from fastapi import APIRouter, Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentbus.domain.budget import ensure_can_start
@@ -25,16 +25,18 @@ from agentbus.domain.session import (
 )
 from agentbus.events.envelope import uuid7
 from agentbus.events.session import MAX_TEXT, Channel, ConcurrencyPolicy
-from agentbus.events.subjects import EVENTS_PREFIX, AggregateRef
+from agentbus.events.subjects import AggregateRef
 from agentbus.gateway.auth import NotVisible
 from agentbus.gateway.deps import (
-    Auditor,
+    Access,
     MinPosition,
     PlatformDep,
     Reader,
     SessionPostsDep,
     Writer,
 )
+from agentbus.gateway.inbound import inbound_text
+from agentbus.gateway.posting import SessionPosts
 from agentbus.gateway.problems import problem_responses
 from agentbus.gateway.routes.admin import context
 from agentbus.queries.runs import RunRow, get_run, list_runs
@@ -119,12 +121,15 @@ class SessionPage(BaseModel):
 @router.post(
     "/sessions", status_code=202, tags=["sessions"], summary="Open a session", responses=COMMAND
 )
-async def open_session(body: NewSession, platform: PlatformDep, access: Writer) -> Accepted:
+async def open_session(
+    body: NewSession, request: Request, platform: PlatformDep, access: Writer
+) -> Accepted:
     if body.agent is not None and body.agent not in platform.settings.agents:
         raise NotVisible(f"agent {body.agent!r} is not configured")
     session_id = body.id or uuid7()
     ref = AggregateRef(access.workspace, "session", session_id)
-    command = OpenSession(body.channel, body.title, body.agent, body.concurrency)
+    title = body.title and await inbound_text(request, access.workspace, body.title, max_length=200)
+    command = OpenSession(body.channel, title, body.agent, body.concurrency)
     done = await handle(platform.store, SESSION, ref, command, context=context(access.principal))
     return Accepted(id=session_id, event_ids=[], position=done.position)
 
@@ -232,6 +237,7 @@ class MessageOut(BaseModel):
 async def post_message(
     sid: Id,
     body: NewMessage,
+    request: Request,
     posts: SessionPostsDep,
     access: Writer,
     idempotency_key: Annotated[
@@ -243,15 +249,30 @@ async def post_message(
         ),
     ] = None,
 ) -> PostedMessage:
+    return await post_message_as(request, access, posts, sid, body, idempotency_key)
+
+
+async def post_message_as(
+    request: Request,
+    access: Access,
+    posts: SessionPosts,
+    sid: str,
+    body: NewMessage,
+    idempotency_key: str | None,
+) -> PostedMessage:
+    """What posting a message does once the request is read and the caller may write: the
+    route above, and the gateway's fast path for it (`gateway/ingest.py`), both end here."""
     ref = AggregateRef(access.workspace, "session", sid)
     event_id = (
         str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{access.workspace}/{sid}/{idempotency_key}"))
         if idempotency_key
         else uuid7()
     )
-    command = ReceiveMessage(
-        uuid7(), body.author or access.principal.id, body.text, body.external_id
+    text = await inbound_text(request, access.workspace, body.text, max_length=MAX_TEXT)
+    author = body.author and await inbound_text(
+        request, access.workspace, body.author, max_length=200
     )
+    command = ReceiveMessage(uuid7(), author or access.principal.id, text, body.external_id)
     posted = await posts.post(ref, command, event_id, context(access.principal))
     return PostedMessage(
         id=posted.message_id,
@@ -341,7 +362,9 @@ class RunPage(BaseModel):
     summary="Queue a run of an agent",
     responses=problem_responses(402, 403, 409, 413),
 )
-async def create_run(body: NewRun, platform: PlatformDep, access: Writer) -> Accepted:
+async def create_run(
+    body: NewRun, request: Request, platform: PlatformDep, access: Writer
+) -> Accepted:
     config = platform.settings.agents.get(body.agent)
     if config is None:
         raise NotVisible(f"agent {body.agent!r} is not configured")
@@ -351,7 +374,7 @@ async def create_run(body: NewRun, platform: PlatformDep, access: Writer) -> Acc
     command = QueueRun(
         body.agent,
         config.executor,
-        body.input,
+        await inbound_text(request, access.workspace, body.input, max_length=MAX_TEXT),
         session_id=body.session_id,
         max_attempts=config.max_attempts,
         deadline_at=datetime.now(UTC) + timedelta(seconds=config.timeout),
@@ -411,49 +434,3 @@ async def cancel_run(
     command = Cancel(access.principal.actor, body.reason if body else None)
     done = await handle(platform.store, RUN, ref, command, context=context(access.principal))
     return Accepted(id=rid, event_ids=[], position=done.position)
-
-
-# ---------------------------------------------------------------------------- history
-
-
-class EventPage(BaseModel):
-    events: list[dict[str, Any]] = Field(description="CloudEvents, oldest first")
-    positions: list[int]
-    next_after: int = Field(description="pass as `after` for the next page")
-
-
-@router.get(
-    "/events",
-    tags=["events"],
-    summary="A page of the workspace's event history",
-    responses=problem_responses(403),
-)
-async def events(
-    platform: PlatformDep,
-    access: Auditor,
-    after: Annotated[int, Query(ge=0, description="events after this stream position")] = 0,
-    limit: Limit = 100,
-    types: Annotated[
-        str | None, Query(max_length=2000, description="comma-separated CloudEvents types")
-    ] = None,
-) -> EventPage:
-    wanted = {t.strip() for t in types.split(",") if t.strip()} if types else None
-    last = await platform.store.last_position()
-    page: list[dict[str, Any]] = []
-    positions: list[int] = []
-    next_after = after
-    if after < last:
-        async for recorded in platform.store.read(
-            from_position=after + 1,
-            subjects=[f"{EVENTS_PREFIX}.{access.workspace}.>"],
-            to_position=last,
-        ):
-            next_after = recorded.position
-            if wanted is None or recorded.type in wanted:
-                page.append(recorded.envelope.model_dump(mode="json", exclude_none=True))
-                positions.append(recorded.position)
-            if len(page) >= limit:
-                break
-        else:
-            next_after = max(next_after, last)
-    return EventPage(events=page, positions=positions, next_after=next_after)

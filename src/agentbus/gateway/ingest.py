@@ -1,0 +1,132 @@
+"""The gateway's hot path, posting a message, answered ahead of FastAPI's router.
+
+`POST /v1/workspaces/{ws}/sessions/{sid}/messages` is the request channels and chat pages make
+for every message. Through FastAPI, routing, dependency solving and the framework's own
+middleware took about as much CPU as the post itself (docs/benchmarks.md, `http_ingest`).
+This ASGI middleware answers that one request with the same steps, in plain code: the path's
+ids, the `Idempotency-Key` and the body checked with the route's own constraints and model,
+the caller authenticated, rate limited and authorized for `write` exactly as the route's
+dependencies do, then `post_message_as`, the function the route itself calls, and the
+route's response model.
+
+Whatever it does not take as it is goes to FastAPI untouched, with the body it read handed
+on: another method or path, an id or header the route's constraints refuse, a body the
+model refuses. So every validation error is the route's own answer, and the route in
+`routes/conversations.py` stays what the OpenAPI document describes and what this follows.
+Errors once the request is taken (authentication, the session's refusal, the store) are
+answered here, through the same problem mapping as everywhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import orjson
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agentbus.errors import AgentbusError
+from agentbus.gateway.auth import COOKIE
+from agentbus.gateway.deps import Access, identities, session_posts
+from agentbus.gateway.limits import RateLimiter
+from agentbus.gateway.problems import agentbus_problem
+from agentbus.gateway.routes.conversations import NewMessage, post_message_as
+
+# The route's path, with its parameters' own constraints (`WorkspaceId`, `Id`).
+_PATH: Final = re.compile(
+    r"/v1/workspaces/([a-z0-9][a-z0-9_-]{0,63})/sessions/([A-Za-z0-9_-]{1,64})/messages"
+)
+_JSON: Final = (b"application/json", b"application/json; charset=utf-8")
+
+
+class FastIngest:
+    """ASGI middleware: answers posts of messages itself, passes everything else on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        path = _PATH.fullmatch(scope["path"])
+        if path is None:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        key = headers.get(b"idempotency-key")
+        content_type = headers.get(b"content-type", b"").lower()
+        if content_type not in _JSON or (key is not None and not 0 < len(key) <= 200):
+            await self.app(scope, receive, send)
+            return
+        ws, sid = path.group(1), path.group(2)
+        request = Request(scope, receive)
+        try:
+            raw = await _body(receive)
+            try:
+                body = NewMessage.model_validate_json(raw)
+            except ValidationError:
+                # The route's own answer: 401/403/404 before 422, as its dependencies run first.
+                await self.app(scope, _replay(raw), send)
+                return
+            ids = identities(request)
+            principal = await ids.authenticate(
+                _text(headers.get(b"authorization")), request.cookies.get(COOKIE)
+            )
+            limiter: RateLimiter = request.app.state.rate_limiter
+            limiter.check(principal.actor)
+            role = await ids.authorize(principal, ws, "write")
+            posted = await post_message_as(
+                request,
+                Access(principal, ws, role),
+                await session_posts(request),
+                sid,
+                body,
+                _text(key),
+            )
+        except AgentbusError as exc:
+            await agentbus_problem(exc)(scope, receive, send)
+            return
+        answer = orjson.dumps(posted.model_dump())
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 202,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(answer)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+async def _body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return b"".join(chunks)
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Receive:
+    """A `receive` that hands on a body already read."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive

@@ -1,0 +1,533 @@
+"""Erasure by crypto-shredding (docs/erasure.md): personal fields are sealed with a key per data
+subject; `forget` destroys the key; every read then shows `[erased]`, the read model drops its
+copies, and the stream's bytes (what the hash chain covers) never change."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentbus.audit.erasure import BUCKET, KEYS_STREAM, Sealer, forget
+from agentbus.audit.sealing import (
+    ERASED,
+    SubjectKey,
+    open_data,
+    open_value,
+    seal_data,
+    seal_value,
+    sealed_key_id,
+)
+from agentbus.domain.handling import handle
+from agentbus.domain.session import SESSION, OpenSession, ReceiveMessage
+from agentbus.errors import SealBroken, SubjectKeyUnavailable
+from agentbus.events import AggregateRef
+from agentbus.events.catalog import default_registry
+from agentbus.events.identity import SYSTEM_WORKSPACE, UserCreated
+from agentbus.events.privacy import SubjectForgotten, personal_types, subject_digest
+from agentbus.events.run import RunQueued
+from agentbus.events.session import MessageReceived, MessageSent, RunAssigned, SessionOpened
+from agentbus.queries.consistency import wait_for_position
+from agentbus.runtime.embedded import EmbeddedNats
+from agentbus.store import NO_EVENTS, EventStore
+from agentbus.store.eventstore import RawEvent
+
+from .conftest import connect
+from .test_projections import engine, fresh_rebuild_rows, projecting, table_rows
+from .test_runs import ECHO, workers
+
+__all__ = ["engine"]  # the fixture, used by name below
+
+REGISTRY = default_registry()
+PERSONAL = personal_types(REGISTRY.models)
+MESSAGE = PERSONAL[MessageReceived.kind.type]
+
+
+def new_key() -> SubjectKey:
+    return SubjectKey.from_stored(SubjectKey.generate())
+
+
+# ---------------------------------------------------------------------------- pure sealing
+
+
+def test_what_is_personal_is_declared_on_the_event_types() -> None:
+    assert {t: (p.fields, p.subject) for t, p in PERSONAL.items()} == {
+        "agentbus.session.message_received.v1": (("text",), "author"),
+        # a message's text copied into what starts the agent's run
+        "agentbus.session.run_assigned.v1": (("input",), "author"),
+        "agentbus.session.run_enqueued.v1": (("input",), "author"),
+        "agentbus.run.queued.v1": (("input",), "author"),
+        "agentbus.user.created.v1": (("display_name",), None),
+    }
+
+
+def test_seal_then_open_round_trips_and_hides_the_plaintext() -> None:
+    key = new_key()
+    text = "Mon numéro est 06 12 34 56 78 — rappelle-moi 🙂"
+    sealed = seal_value(key, "e1", "text", text)
+    assert sealed.startswith(f"sealed:v1:{key.key_id}:")
+    assert "06 12" not in sealed
+    assert sealed.isascii()
+    assert sealed_key_id(sealed) == key.key_id
+    assert open_value(key, "e1", "text", sealed) == text
+    assert seal_value(key, "e1", "text", text) != sealed  # a fresh nonce each time
+
+
+def test_a_sealed_value_moved_to_another_event_or_field_does_not_open() -> None:
+    key = new_key()
+    sealed = seal_value(key, "event-a", "text", "secret")
+    with pytest.raises(SealBroken, match="moved"):
+        open_value(key, "event-b", "text", sealed)
+    with pytest.raises(SealBroken):
+        open_value(key, "event-a", "display_name", sealed)
+    middle = len(sealed) - 12  # inside the ciphertext, before any padding
+    tampered = sealed[:middle] + ("A" if sealed[middle] != "A" else "B") + sealed[middle + 1 :]
+    with pytest.raises(SealBroken):
+        open_value(key, "event-a", "text", tampered)
+    with pytest.raises(SealBroken):  # another subject's key
+        open_value(SubjectKey(key.key_id, new_key().cipher), "event-a", "text", sealed)
+
+
+def test_only_declared_fields_are_sealed_and_a_destroyed_key_reads_erased() -> None:
+    key = new_key()
+    data = {"message_id": "m1", "author": "ada", "text": "hello", "external_id": "x1"}
+    sealed = seal_data(MESSAGE, key, "e1", dict(data))
+    assert {k: v for k, v in sealed.items() if k != "text"} == {
+        k: v for k, v in data.items() if k != "text"
+    }
+    assert sealed_key_id(sealed["text"]) == key.key_id
+    assert open_data(MESSAGE, {key.key_id: key}, "e1", dict(sealed)) == data
+    erased = open_data(MESSAGE, {key.key_id: None}, "e1", dict(sealed))
+    assert erased["text"] == ERASED
+    assert MessageReceived.model_validate(erased).text == ERASED  # constraints still hold
+    with pytest.raises(SubjectKeyUnavailable):
+        open_data(MESSAGE, {}, "e1", dict(sealed))
+    plain = {"message_id": "m1", "author": "ada", "text": "written before sealing"}
+    assert open_data(MESSAGE, {}, "e1", dict(plain)) == plain
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+async def sealed(nc: NATS, streams_ready: None) -> AsyncIterator[EventStore]:
+    sealer = await Sealer.open(nc, REGISTRY)
+    yield EventStore(nc, REGISTRY, timeout=5.0, sealer=sealer)
+    await sealer.close()
+
+
+@pytest.fixture
+async def second_process(
+    nats_server: EmbeddedNats, streams_ready: None
+) -> AsyncIterator[EventStore]:
+    """Another process's store: its own connection and its own key cache."""
+    client = await connect(nats_server.url)
+    sealer = await Sealer.open(client, REGISTRY)
+    yield EventStore(client, REGISTRY, timeout=5.0, sealer=sealer)
+    await sealer.close()
+    await client.close()
+
+
+async def raw_bytes(nc: NATS, workspace: str) -> dict[int, bytes]:
+    """Every stored event of the workspace, as the stream holds it (no sealer)."""
+    plain = EventStore(nc, REGISTRY, timeout=5.0)
+    return {raw.position: raw.data async for raw in plain.read_raw(subjects=[f"evt.{workspace}.>"])}
+
+
+async def test_crypto_shredding_end_to_end(
+    sealed: EventStore,
+    second_process: EventStore,
+    nc: NATS,
+    engine: AsyncEngine,
+    database_url: str,
+    workspace: str,
+) -> None:
+    session = AggregateRef(workspace, "session", "s1")
+    await sealed.append(session, [SessionOpened(channel="web")], expect=NO_EVENTS)
+    ada = ["ada's secret one: 4111 1111 1111 1111", "ada's secret two", "ada's secret three"]
+    for n, text in enumerate(ada):
+        await sealed.append(session, [MessageReceived(message_id=f"a{n}", author="ada", text=text)])
+    await sealed.append(session, [MessageReceived(message_id="b0", author="bob", text="bob here")])
+    await sealed.append(
+        session, [MessageSent(message_id="r0", author="agent", text="the agent's reply")]
+    )
+
+    # Stored sealed: not a byte of the plaintext in the stream; the reply is not personal.
+    before = await raw_bytes(nc, workspace)
+    stored = b"".join(before.values())
+    assert not any(text.encode() in stored for text in [*ada, "bob here"])
+    assert b"the agent's reply" in stored
+    assert b'"author":"ada"' in stored
+
+    # Every read path opens them, in this process and in another one.
+    def texts(events: list[MessageReceived]) -> dict[str, str]:
+        return {e.message_id: e.text for e in events}
+
+    expected = {"a0": ada[0], "a1": ada[1], "a2": ada[2], "b0": "bob here"}
+    history = await sealed.load(session)
+    received = [e.event for e in history.events if isinstance(e.event, MessageReceived)]
+    assert texts(received) == expected
+    replayed = [e.event async for e in sealed.read(subjects=[f"evt.{workspace}.>"])]
+    assert texts([e for e in replayed if isinstance(e, MessageReceived)]) == expected
+    other = await second_process.load(session)
+    assert texts([e.event for e in other.events if isinstance(e.event, MessageReceived)]) == (
+        expected
+    )
+    first_ada = history.events[1]
+    got = await sealed.get(first_ada.position)
+    assert got is not None
+    assert isinstance(got.event, MessageReceived)
+    assert got.event.text == ada[0]
+    assert got.envelope.data["text"] == ada[0]
+    page = await sealed.read_page(after=0, subject=f"evt.{workspace}.session.s1.*")
+    assert [sealed.decode(raw).event for raw in page] == [e.event for e in history.events]
+
+    # The messages read model holds the plaintext for now.
+    async with projecting(sealed, engine):
+        await wait_for_position(engine, "sessions", history.last_position, timeout=30)
+    _, rows = await table_rows(engine, workspace)
+    assert sorted(r[6] for r in rows) == sorted([*ada, "bob here", "the agent's reply"])
+
+    # Forget ada: the other process stops opening her fields within the bound.
+    key_id = await sealed.sealer.stored_key_id(workspace, "ada")  # type: ignore[union-attr]
+    assert key_id is not None
+    assert sealed_key_id(orjson.loads(before[first_ada.position])["data"]["text"]) == key_id
+    started = time.monotonic()
+    done = await forget(sealed, sealed.sealer, workspace, "ada", by="dpo", settle=0)  # type: ignore[arg-type]
+    assert (done.outcome, done.key_id) == ("destroyed", key_id)
+    raw_first = RawEvent(first_ada.position, first_ada.subject, before[first_ada.position], None, 0)
+    while second_process.decode(raw_first).event.text != ERASED:  # type: ignore[attr-defined]
+        assert time.monotonic() - started < 2.0, "the other process still opens ada's text"
+        await asyncio.sleep(0.001)
+    print(f"\nforget -> other process reads [erased] after {time.monotonic() - started:.4f} s")
+
+    erased = {"a0": ERASED, "a1": ERASED, "a2": ERASED, "b0": "bob here"}
+    for store in (sealed, second_process):
+        history = await store.load(session)
+        assert (
+            texts([e.event for e in history.events if isinstance(e.event, MessageReceived)])
+            == erased
+        )
+        replayed = [e.event async for e in store.read(subjects=[f"evt.{workspace}.session.>"])]
+        assert texts([e for e in replayed if isinstance(e, MessageReceived)]) == erased
+    assert isinstance(history.events[-1].event, MessageSent)  # replies are not personal
+
+    # The stream is byte for byte what it was: the hash chain still verifies.
+    after = await raw_bytes(nc, workspace)
+    assert {p: b for p, b in after.items() if p in before} == before
+    forgotten = [orjson.loads(b) for p, b in after.items() if p not in before]
+    assert [(e["type"], e["data"]["subject"], e["data"]["key_id"]) for e in forgotten] == [
+        (SubjectForgotten.kind.type, "ada", key_id)
+    ]
+    assert done.position == max(after)
+
+    # ada writes again: a new key, readable; the old texts stay erased.
+    again = await sealed.append(
+        session, [MessageReceived(message_id="a3", author="ada", text="ada is back")]
+    )
+    new_id = await sealed.sealer.stored_key_id(workspace, "ada")  # type: ignore[union-attr]
+    assert new_id not in (None, key_id)
+    back = await second_process.get(again.last_position)
+    assert back is not None
+    assert back.event.text == "ada is back"
+
+    # The read model erased its copies; a rebuild from scratch gives the same rows.
+    async with projecting(sealed, engine):
+        await wait_for_position(engine, "sessions", again.last_position, timeout=30)
+    live = await table_rows(engine, workspace)
+    assert sorted((r[3], r[6]) for r in live[1]) == [
+        ("a0", ERASED),
+        ("a1", ERASED),
+        ("a2", ERASED),
+        ("a3", "ada is back"),
+        ("b0", "bob here"),
+        ("r0", "the agent's reply"),
+    ]
+    assert live == await fresh_rebuild_rows(sealed, database_url, workspace, again.last_position)
+
+    # Idempotent: forgetting again changes nothing; an unknown subject has nothing to forget.
+    sealer = sealed.sealer
+    assert sealer is not None
+    await forget(sealed, sealer, workspace, "ada", by="dpo", settle=0)  # the new key
+    repeat = await forget(sealed, sealer, workspace, "ada", by="dpo", settle=0)
+    assert repeat.outcome == "already_forgotten"
+    assert repeat.position is None
+    assert (await forget(sealed, sealer, workspace, "nobody", by="dpo")).outcome == "unknown"
+
+
+async def test_a_forgotten_key_stops_opening_in_another_process_within_the_bound(
+    sealed: EventStore, second_process: EventStore, nc: NATS, workspace: str
+) -> None:
+    """The bound docs/erasure.md quotes: from `forget_key` being called to another process
+    (its own connection and cache, the key cached there) reading [erased]."""
+    plain = EventStore(nc, REGISTRY)
+    sealer = sealed.sealer
+    assert sealer is not None
+    delays = []
+    for n in range(20):
+        session = AggregateRef(workspace, "session", f"s{n}")
+        await sealed.append(session, [SessionOpened(channel="web")], expect=NO_EVENTS)
+        message = MessageReceived(message_id="m", author=f"p{n}", text="secret")
+        result = await sealed.append(session, [message])
+        assert (await second_process.get(result.last_position)).event == message  # type: ignore[union-attr]
+        raw = (await plain.read_page(after=result.last_position - 1, subject=session.filter))[0]
+        started = time.monotonic()
+        await sealer.forget_key(workspace, f"p{n}")
+        while second_process.decode(raw).event.text != ERASED:  # type: ignore[attr-defined]
+            assert time.monotonic() - started < 1.0, "the other process still opens it"
+            await asyncio.sleep(0.0005)
+        delays.append(time.monotonic() - started)
+    delays.sort()
+    print(
+        f"\nforget_key -> [erased] elsewhere: median {delays[10] * 1000:.1f} ms, "
+        f"max {delays[-1] * 1000:.1f} ms"
+    )
+    assert delays[-1] < 0.5
+
+
+async def test_forget_removes_the_key_from_the_bucket_stream_and_the_disk(
+    sealed: EventStore, nc: NATS, nats_server: EmbeddedNats, workspace: str
+) -> None:
+    session = AggregateRef(workspace, "session", "s1")
+    await sealed.append(session, [SessionOpened(channel="api")], expect=NO_EVENTS)
+    await sealed.append(session, [MessageReceived(message_id="m", author="eve", text="hi")])
+    js = nc.jetstream()
+    digest = subject_digest(workspace, "eve")
+    stored = await js.get_msg(KEYS_STREAM, subject=f"$KV.{BUCKET}.{digest}")
+    assert stored.data is not None
+    assert len(stored.data) == 40
+    files = list(nats_server.store_dir.rglob(f"{KEYS_STREAM}/msgs/*.blk"))
+    assert any(stored.data in f.read_bytes() for f in files)
+
+    done = await forget(sealed, sealed.sealer, workspace, "eve", by="dpo", settle=0)  # type: ignore[arg-type]
+    assert done.outcome == "destroyed"
+    with pytest.raises(NotFoundError):  # the key's message, by its sequence
+        await js.get_msg(KEYS_STREAM, seq=stored.seq)
+    marker = await js.get_msg(KEYS_STREAM, subject=f"$KV.{BUCKET}.{digest}")
+    assert (marker.headers or {}).get("KV-Operation") == "PURGE"
+    assert not marker.data
+    with pytest.raises(KeyNotFoundError):
+        await (await js.key_value(BUCKET)).get(digest)
+    # A purge alone leaves the bytes in the block file; forget overwrites them first.
+    files = list(nats_server.store_dir.rglob(f"{KEYS_STREAM}/msgs/*"))
+    assert files
+    assert not any(stored.data in f.read_bytes() for f in files if f.is_file())
+
+
+async def test_a_forget_stopped_before_its_event_is_completed_by_the_next_one(
+    sealed: EventStore, workspace: str
+) -> None:
+    session = AggregateRef(workspace, "session", "s1")
+    await sealed.append(session, [SessionOpened(channel="web")], expect=NO_EVENTS)
+    await sealed.append(session, [MessageReceived(message_id="m", author="ian", text="hi")])
+    sealer = sealed.sealer
+    assert sealer is not None
+    step = await sealer.forget_key(workspace, "ian")  # then "crashed": no event recorded
+    privacy = AggregateRef(workspace, "privacy", subject_digest(workspace, "ian"))
+    assert (await sealed.load(privacy)).events == ()
+    done = await forget(sealed, sealer, workspace, "ian", by="dpo", settle=0)
+    assert done.outcome == "completed"
+    events = (await sealed.load(privacy)).events
+    assert [e.position for e in events] == [done.position]
+    assert events[0].event == SubjectForgotten(subject="ian", key_id=None, by="dpo")
+    assert step.destroyed is not None
+    again = await forget(sealed, sealer, workspace, "ian", by="dpo", settle=0)
+    assert again.outcome == "already_forgotten"
+
+
+async def test_concurrent_first_appends_of_a_subject_share_one_key(
+    sealed: EventStore, second_process: EventStore, nc: NATS, workspace: str
+) -> None:
+    refs = [AggregateRef(workspace, "session", f"s{n}") for n in range(20)]
+    for ref in refs:
+        await sealed.append(ref, [SessionOpened(channel="web")], expect=NO_EVENTS)
+    stores = [sealed, second_process] * 10
+    await asyncio.gather(
+        *(
+            store.append(ref, [MessageReceived(message_id="m", author="zoe", text=f"t{n}")])
+            for n, (store, ref) in enumerate(zip(stores, refs, strict=True))
+        )
+    )
+    key_ids = set()
+    for n, ref in enumerate(refs):
+        history = await second_process.load(ref)
+        assert history.events[-1].event.text == f"t{n}"  # type: ignore[attr-defined]
+    plain = EventStore(nc, REGISTRY)
+    for ref in refs:
+        raws = [r async for r in plain.read_raw(subjects=[ref.filter])]
+        key_ids.add(sealed_key_id(orjson.loads(raws[-1].data)["data"]["text"]))
+    assert len(key_ids) == 1
+
+
+async def test_user_display_names_are_sealed_with_the_user_as_subject(
+    sealed: EventStore, nc: NATS, workspace: str
+) -> None:
+    user = AggregateRef(SYSTEM_WORKSPACE, "user", f"u{workspace}")
+    event = UserCreated(display_name="Ada Lovelace", password_hash="$argon2id$x")
+    result = await sealed.append(user, [event], expect=NO_EVENTS)
+    raw = await EventStore(nc, REGISTRY).get(result.last_position)
+    assert raw is not None
+    assert raw.envelope.data["display_name"].startswith("sealed:v1:")
+    assert raw.envelope.data["password_hash"] == "$argon2id$x"
+    assert (await sealed.load(user)).events[0].event == event
+    done = await forget(sealed, sealed.sealer, SYSTEM_WORKSPACE, user.id, by="dpo", settle=0)  # type: ignore[arg-type]
+    assert done.outcome == "destroyed"
+    assert (await sealed.load(user)).events[0].event.display_name == ERASED  # type: ignore[attr-defined]
+
+
+async def test_a_raw_event_forwarded_as_json_is_opened_as_the_sse_bridge_does(
+    sealed: EventStore, second_process: EventStore, workspace: str
+) -> None:
+    session = AggregateRef(workspace, "session", "s1")
+    await sealed.append(session, [SessionOpened(channel="web")], expect=NO_EVENTS)
+    await sealed.append(session, [MessageReceived(message_id="m", author="kim", text="hej")])
+    page = await second_process.read_page(after=0, subject=f"evt.{workspace}.session.s1.*")
+    envelopes = [orjson.loads(raw.data) for raw in page]
+    assert envelopes[1]["data"]["text"].startswith("sealed:v1:")
+    assert [second_process.open_sealed(e) for e in envelopes] == [False, True]
+    assert envelopes[1]["data"]["text"] == "hej"
+
+
+async def test_a_key_never_loaded_is_loaded_after_a_retryable_miss(
+    sealed: EventStore, nc: NATS, workspace: str
+) -> None:
+    """A raw event from a consumer of one's own (the auto-reply worker) may name a key this
+    process never loaded: decode says retry (and loads it), or `prepare` first avoids that."""
+    session = AggregateRef(workspace, "session", "s1")
+    await sealed.append(session, [SessionOpened(channel="web")], expect=NO_EVENTS)
+    result = await sealed.append(
+        session, [MessageReceived(message_id="m", author="lou", text="allo")]
+    )
+    page = await EventStore(nc, REGISTRY).read_page(
+        after=result.last_position - 1, subject=session.filter
+    )
+    fresh, other = await Sealer.open(nc, REGISTRY), await Sealer.open(nc, REGISTRY)
+    try:
+        store = EventStore(nc, REGISTRY, sealer=fresh)
+        with pytest.raises(SubjectKeyUnavailable):
+            store.decode(page[0])
+        for _ in range(200):
+            try:
+                assert store.decode(page[0]).event.text == "allo"  # type: ignore[attr-defined]
+                break
+            except SubjectKeyUnavailable:
+                await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the key was never loaded")
+        prepared = EventStore(nc, REGISTRY, sealer=other)
+        await prepared.prepare(page[0])
+        assert prepared.decode(page[0]).event.text == "allo"  # type: ignore[attr-defined]
+    finally:
+        await fresh.close()
+        await other.close()
+
+
+async def test_an_auto_replied_message_is_sealed_wherever_it_is_copied(
+    private_store: EventStore,
+) -> None:
+    """The auto-reply path copies a message's text into the run's input (session and run
+    events): sealed with the author's key too, opened by the worker, erased by forget. The
+    agent's reply quotes it and is not personal: a documented limit."""
+    nc = private_store._nc
+    sealer = await Sealer.open(nc, REGISTRY)
+    store = EventStore(nc, REGISTRY, timeout=5.0, sealer=sealer)
+    session = AggregateRef("acme", "session", "chat1")
+    await handle(store, SESSION, session, OpenSession("web", agent="echo"))
+    await handle(store, SESSION, session, ReceiveMessage("m1", "ada", "hello there"))
+    try:
+        async with workers(store, ECHO, auto_reply=True):
+            deadline = time.monotonic() + 15
+            reply = None
+            while reply is None and time.monotonic() < deadline:
+                events = (await store.load(session)).events
+                reply = next((e for e in events if isinstance(e.event, MessageSent)), None)
+                await asyncio.sleep(0.05)
+        assert reply is not None
+        assert reply.event.text == "echo: hello there"  # type: ignore[attr-defined]
+        run = AggregateRef("acme", "run", reply.event.run_id)  # type: ignore[attr-defined]
+        everything = await raw_bytes(nc, "acme")
+        copies = {
+            orjson.loads(data)["type"].split(".")[2]
+            for data in everything.values()
+            if b"hello there" in data
+        }
+        assert copies == {"message_sent", "succeeded"}  # the reply, not the input
+
+        done = await forget(store, sealer, "acme", "ada", by="dpo", settle=0)
+        assert done.outcome == "destroyed"
+        inputs = [
+            getattr(e.event, "input", None) or getattr(e.event, "text", None)
+            for e in [*(await store.load(session)).events, *(await store.load(run)).events]
+            if isinstance(e.event, MessageReceived | RunAssigned | RunQueued)
+        ]
+        assert inputs == [ERASED, ERASED, ERASED]
+    finally:
+        await sealer.close()
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def cli(*args: str, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTBUS_")}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "agentbus", *args],
+        env=full_env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_audit_forget_command(
+    sealed: EventStore, nats_server: EmbeddedNats, workspace: str, tmp_path: Path
+) -> None:
+    session = AggregateRef(workspace, "session", "s1")
+    await sealed.append(session, [SessionOpened(channel="web")], expect=NO_EVENTS)
+    await sealed.append(session, [MessageReceived(message_id="m", author="max", text="my data")])
+    env = {"AGENTBUS_NATS_URL": nats_server.url}
+    args = ("audit", "forget", "max", "--workspace", workspace, "--data-dir", str(tmp_path))
+
+    declined = await asyncio.to_thread(cli, *args, env=env, stdin="n\n")
+    assert declined.returncode == 1
+    assert "Destroy the key of 'max'" in declined.stdout
+    assert (await sealed.load(session)).events[-1].event.text == "my data"  # type: ignore[attr-defined]
+
+    done = await asyncio.to_thread(cli, *args, "--yes", "--reason", "GDPR art. 17", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "forgot 'max'" in done.stdout
+    assert "destroyed key" in done.stdout
+    await asyncio.sleep(0.1)
+    assert (await sealed.load(session)).events[-1].event.text == ERASED  # type: ignore[attr-defined]
+
+    replay = await asyncio.to_thread(cli, "replay", "-w", workspace, env=env)
+    assert replay.returncode == 0, replay.stderr
+    exported = [orjson.loads(line) for line in replay.stdout.splitlines()]
+    assert [e["data"].get("text") for e in exported] == [None, ERASED, None]
+    assert exported[-1]["type"] == SubjectForgotten.kind.type
+    assert "sealed:v1" not in replay.stdout
+
+    again = await asyncio.to_thread(cli, *args, "--yes", env=env)
+    assert again.returncode == 0
+    assert "already forgotten" in again.stdout
+    unknown = await asyncio.to_thread(
+        cli, "audit", "forget", "nobody", "-w", workspace, "-y", env=env
+    )
+    assert unknown.returncode == 0
+    assert "no key for 'nobody'" in unknown.stdout
+    bad = await asyncio.to_thread(cli, "audit", "forget", "x", "-w", "a.b", "-y", env=env)
+    assert bad.returncode == 1
+    assert "workspace" in bad.stderr
+    assert "Traceback" not in bad.stderr
