@@ -509,6 +509,7 @@ async def test_audit_forget_command(
     assert done.returncode == 0, done.stderr
     assert "forgot 'max'" in done.stdout
     assert "destroyed key" in done.stdout
+    assert "now read as [erased];" in done.stdout  # printed as text, not taken for markup
     await asyncio.sleep(0.1)
     assert (await sealed.load(session)).events[-1].event.text == ERASED  # type: ignore[attr-defined]
 

@@ -298,23 +298,27 @@ def audit_forget(
                 f"{done.position}. Their sealed fields now read as [erased]; the messages "
                 "read model erases its copies when it reaches that position.",
                 highlight=False,
+                markup=False,
             )
         case "completed":
             out.print(
                 f"{name}: the key was already destroyed; recorded the erasure at position "
                 f"{done.position} (a forget that had stopped before recording it).",
                 highlight=False,
+                markup=False,
             )
         case "already_forgotten":
             out.print(
                 f"{name} was already forgotten (at {done.forgotten_at:%Y-%m-%d %H:%M:%S %Z}): "
                 "nothing to do.",
                 highlight=False,
+                markup=False,
             )
         case "unknown":
             out.print(
                 f"no key for {name}: nothing of theirs was sealed, nothing to do.",
                 highlight=False,
+                markup=False,
             )
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from agentbus import __version__
@@ -80,7 +81,11 @@ def _settings(**overrides: Any) -> Settings:
         for problem in exc.errors():
             name = "AGENTBUS_" + "_".join(str(part) for part in problem["loc"]).upper()
             message = problem["msg"].removeprefix("Value error, ")
-            err.print(f"[bold red]error:[/] {name}: {message}", highlight=False, soft_wrap=True)
+            err.print(
+                f"[bold red]error:[/] {escape(name)}: {escape(message)}",
+                highlight=False,
+                soft_wrap=True,
+            )
         raise typer.Exit(1) from None
 
 
@@ -89,7 +94,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except AgentbusError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

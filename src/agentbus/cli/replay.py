@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Annotated, Final
 
 import typer
+from rich.markup import escape
 
 from agentbus.audit.replay import (
     InvalidReplayFilter,
@@ -142,7 +143,7 @@ def replay(
     configure_logging(settings.log_format, "warning")
 
     def fail(message: str) -> typer.Exit:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         return typer.Exit(1)
 
     try:
