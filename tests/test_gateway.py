@@ -487,3 +487,94 @@ async def test_budget_endpoints(api: Api) -> None:
     problem(
         await api.call("PUT", "/v1/workspaces/acme/budget", owner, json={"limit_tokens": -1}), 422
     )
+
+
+# ---------------------------------------------------------------------------- the fast path
+
+
+async def test_the_fast_path_answers_posts_exactly_as_the_route(
+    api: Api, database_url: str
+) -> None:
+    """gateway/ingest.py answers `POST .../messages` ahead of the router: every answer, success
+    or error, must be the route's own (ids and positions aside)."""
+    owner = await api.workspace("acme")
+    viewer = await api.key("acme", owner, "viewer")
+    other = await api.workspace("other")
+    platform = Platform(
+        Settings(agents=AGENTS),
+        "nats://private",
+        database_url,
+        api.store._nc,
+        api.store,
+        api.engine,
+    )
+    route_only = create_app(platform, rate=1000, burst=1000, fast_ingest=False)
+    async with (
+        route_only.router.lifespan_context(route_only),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=route_only), base_url="http://agentbus.test"
+        ) as client,
+    ):
+        route = Api(client, api.system, api.store, api.engine)
+        for sid, agent in (("s1", "echo"), ("s2", None), ("closed", None)):
+            opened = await api.call(
+                "POST", "/v1/workspaces/acme/sessions", owner, json={"id": sid, "agent": agent}
+            )
+            assert opened.status_code == 202, opened.text
+        assert (
+            await api.call("POST", "/v1/workspaces/acme/sessions/closed/close", owner)
+        ).status_code == 202
+
+        messages = "/v1/workspaces/acme/sessions/{}/messages"
+        cases: list[tuple[str, str | None, dict[str, Any]]] = [
+            ("s1", owner, {"json": {"text": "hello"}}),
+            ("s2", owner, {"json": {"text": "my mail is ada@example.com", "author": "ada"}}),
+            ("s2", owner, {"json": {"text": "x"}, "headers": {"Idempotency-Key": "k" * 201}}),
+            ("s2", owner, {"json": {"text": ""}}),
+            ("s2", owner, {"json": {"text": "x", "bogus": 1}}),
+            ("s2", owner, {"json": {"text": 5}}),
+            ("s2", owner, {"json": ["not", "an", "object"]}),
+            (
+                "s2",
+                owner,
+                {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            ),
+            ("s2", owner, {"content": b"text", "headers": {"content-type": "text/plain"}}),
+            ("s2", owner, {"content": b""}),
+            ("s2", None, {"json": {"text": "x"}}),
+            ("s2", "ab_nope_nope", {"json": {"text": "x"}}),
+            ("s2", viewer, {"json": {"text": "x"}}),
+            ("s2", other, {"json": {"text": "x"}}),
+            ("nope", owner, {"json": {"text": "x"}}),
+            ("a.b", owner, {"json": {"text": "x"}}),
+            ("closed", owner, {"json": {"text": "x"}}),
+        ]
+        for sid, key, request in cases:
+            fast = await api.call("POST", messages.format(sid), key, **request)
+            slow = await route.call("POST", messages.format(sid), key, **request)
+            what = f"{sid} {request}"
+            assert fast.status_code == slow.status_code, what
+            assert fast.headers["content-type"] == slow.headers["content-type"], what
+            assert _stable(fast.json()) == _stable(slow.json()), what
+
+        # A retried Idempotency-Key posts once, on either path.
+        for client_api in (api, route):
+            key_header = {"Idempotency-Key": f"retry-{id(client_api)}"}
+            first = await client_api.call(
+                "POST", messages.format("s2"), owner, json={"text": "once"}, headers=key_header
+            )
+            again = await client_api.call(
+                "POST", messages.format("s2"), owner, json={"text": "once"}, headers=key_header
+            )
+            assert (first.status_code, again.status_code) == (202, 202)
+            assert again.json()["duplicate"] is True
+            assert again.json()["id"] == first.json()["id"]
+
+
+def _stable(body: Any) -> Any:
+    """An answer without what differs between two posts (ids, positions)."""
+    if isinstance(body, dict) and "event_ids" in body:
+        return {
+            k: v for k, v in body.items() if k not in ("id", "event_ids", "position", "run_id")
+        } | {"run_id": body["run_id"] is not None}
+    return body

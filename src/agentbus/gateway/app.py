@@ -38,8 +38,12 @@ REQUIRED_STREAMS = ("EVENTS", "LIVE")
 MAX_BODY = 256 * 1024
 
 
-def create_app(platform: Platform, *, rate: float = 50.0, burst: float = 100.0) -> FastAPI:
-    """The gateway app over already-open connections (the caller owns their lifetime)."""
+def create_app(
+    platform: Platform, *, rate: float = 50.0, burst: float = 100.0, fast_ingest: bool = True
+) -> FastAPI:
+    """The gateway app over already-open connections (the caller owns their lifetime).
+    `fast_ingest=False` leaves posting messages to the FastAPI route alone (gateway/ingest.py;
+    the tests compare the two)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,7 +69,8 @@ def create_app(platform: Platform, *, rate: float = 50.0, burst: float = 100.0) 
     )
     app.state.platform = platform
     app.state.rate_limiter = RateLimiter(rate=rate, burst=burst)
-    app.add_middleware(FastIngest)  # inside BodyLimit: see gateway/ingest.py
+    if fast_ingest:
+        app.add_middleware(FastIngest)  # inside BodyLimit: see gateway/ingest.py
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     install_problem_handlers(app)
     app.include_router(admin.router)
