@@ -4,17 +4,22 @@ and their own database (Postgres); tests that stop a server get their own server
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import httpx
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 
 from agentbus.events.catalog import default_registry
 from agentbus.runtime.embedded import EmbeddedNats, EmbeddedPostgres
+from agentbus.runtime.platform import Platform
+from agentbus.settings import Settings
 from agentbus.store import EventStore
 
 
@@ -110,3 +115,42 @@ async def private_store(tmp_path: Path) -> AsyncIterator[EventStore]:
     finally:
         await client.close()
         server.stop()
+
+
+@dataclass
+class InProcessGateway:
+    """The gateway app served in-process (an ASGI transport, no socket)."""
+
+    client: httpx.AsyncClient
+    system_key: str
+    """The bootstrap system key (creates workspaces, users, keys)."""
+    platform: Platform
+
+
+@contextlib.asynccontextmanager
+async def gateway_in_process(
+    store: EventStore, database_url: str, settings: Settings
+) -> AsyncIterator[InProcessGateway]:
+    """The gateway over `store` and `database_url` (migrated here), with its lifespan run, a
+    client for it and the bootstrap system key; the engine is disposed at the end."""
+    from agentbus.cli.admin import bootstrap
+    from agentbus.db.engine import create_engine
+    from agentbus.db.migrations import upgrade
+    from agentbus.gateway.app import create_app
+
+    await upgrade(database_url)
+    engine = create_engine(database_url)
+    platform = Platform(settings, "nats://private", database_url, store._nc, store, engine)
+    app = create_app(platform, rate=1000, burst=1000)
+    key = await bootstrap(store._nc, store)
+    assert key is not None
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://agentbus.test"
+            ) as client,
+        ):
+            yield InProcessGateway(client, key.token, platform)
+    finally:
+        await engine.dispose()

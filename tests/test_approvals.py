@@ -14,12 +14,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import httpx
 import orjson
 import pytest
 from sqlalchemy import make_url, text
 
-from agentbus.cli.admin import bootstrap
 from agentbus.db.engine import create_engine
 from agentbus.db.migrations import upgrade
 from agentbus.domain.approval import (
@@ -41,18 +39,17 @@ from agentbus.events.approval import ApprovalDenied, ApprovalExpired, ApprovalGr
 from agentbus.events.run import RunResumed, RunStarted, RunWaitingApproval
 from agentbus.executors.executor import ApprovalDecision, RunRequest
 from agentbus.executors.openai import OpenAIExecutor
-from agentbus.gateway.app import create_app
 from agentbus.projections.approvals import ApprovalsProjection
 from agentbus.projections.catalog import all_projections
 from agentbus.projections.runtime import Projector, RuntimeOptions
 from agentbus.queries.consistency import wait_for_position
 from agentbus.runtime.link_keys import link_keys
-from agentbus.runtime.platform import Platform
 from agentbus.settings import AgentConfig, Settings
 from agentbus.store import EventStore
 from agentbus.workers.autoreply import AutoReply
 from agentbus.workers.expiry import ApprovalExpiry
 from agentbus.workers.runs import RunWorker
+from tests.conftest import gateway_in_process
 from tests.executors.stand_ins import LocalServer, openai_app
 from tests.test_gateway import Api, problem
 
@@ -64,34 +61,21 @@ DECISIONS = (ApprovalGranted, ApprovalDenied, ApprovalExpired)
 @pytest.fixture
 async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api]:
     store = private_store
-    await upgrade(database_url)
-    engine = create_engine(database_url)
-    platform = Platform(
-        Settings(agents=AGENTS), "nats://private", database_url, store._nc, store, engine
-    )
-    app = create_app(platform, rate=1000, burst=1000)
-    stop = asyncio.Event()
-    options = RuntimeOptions(lock_poll=0.2, scan_interval=0.2)
-    tasks = [
-        asyncio.create_task(Projector(all_projections(), store, engine, options).run(stop)),
-        asyncio.create_task(RunWorker(store, store._nc, AGENTS, lease=5).run(stop)),
-        asyncio.create_task(AutoReply(store, store._nc, AGENTS).run(stop)),
-        asyncio.create_task(ApprovalExpiry(store, store._nc).run(stop)),
-    ]
-    key = await bootstrap(store._nc, store)
-    assert key is not None
-    try:
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://agentbus.test"
-            ) as client,
-        ):
-            yield Api(client, key.token, store, engine)
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
-        await engine.dispose()
+    async with gateway_in_process(store, database_url, Settings(agents=AGENTS)) as gateway:
+        engine = gateway.platform.engine
+        stop = asyncio.Event()
+        options = RuntimeOptions(lock_poll=0.2, scan_interval=0.2)
+        tasks = [
+            asyncio.create_task(Projector(all_projections(), store, engine, options).run(stop)),
+            asyncio.create_task(RunWorker(store, store._nc, AGENTS, lease=5).run(stop)),
+            asyncio.create_task(AutoReply(store, store._nc, AGENTS).run(stop)),
+            asyncio.create_task(ApprovalExpiry(store, store._nc).run(stop)),
+        ]
+        try:
+            yield Api(gateway.client, gateway.system_key, store, engine)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
 
 
 async def eventually(probe: Any, what: str, timeout: float = 10.0) -> Any:

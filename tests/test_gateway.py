@@ -26,6 +26,7 @@ from agentbus.settings import AgentConfig, Settings
 from agentbus.store import EventStore
 from agentbus.workers.autoreply import AutoReply
 from agentbus.workers.runs import RunWorker
+from tests.conftest import gateway_in_process
 
 AGENTS = {"echo": AgentConfig(executor="echo", options={"word_delay": 0})}
 
@@ -69,35 +70,20 @@ class Api:
 @pytest.fixture
 async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api]:
     store = private_store
-    await upgrade(database_url)
-    engine = create_engine(database_url)
-    settings = Settings(agents=AGENTS)
-    platform = Platform(settings, "nats://private", database_url, store._nc, store, engine)
-    app = create_app(platform, rate=1000, burst=1000)
-    stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(
-            Projector(
-                all_projections(), store, engine, RuntimeOptions(lock_poll=0.2, scan_interval=0.2)
-            ).run(stop)
-        ),
-        asyncio.create_task(RunWorker(store, store._nc, AGENTS, lease=5).run(stop)),
-        asyncio.create_task(AutoReply(store, store._nc, AGENTS).run(stop)),
-    ]
-    key = await bootstrap(store._nc, store)
-    assert key is not None
-    try:
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://agentbus.test"
-            ) as client,
-        ):
-            yield Api(client, key.token, store, engine)
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
-        await engine.dispose()
+    async with gateway_in_process(store, database_url, Settings(agents=AGENTS)) as gateway:
+        engine = gateway.platform.engine
+        stop = asyncio.Event()
+        options = RuntimeOptions(lock_poll=0.2, scan_interval=0.2)
+        tasks = [
+            asyncio.create_task(Projector(all_projections(), store, engine, options).run(stop)),
+            asyncio.create_task(RunWorker(store, store._nc, AGENTS, lease=5).run(stop)),
+            asyncio.create_task(AutoReply(store, store._nc, AGENTS).run(stop)),
+        ]
+        try:
+            yield Api(gateway.client, gateway.system_key, store, engine)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
 
 
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:

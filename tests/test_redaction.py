@@ -25,10 +25,7 @@ from agentbus.audit.redaction import (
     luhn_valid,
     mask,
 )
-from agentbus.cli.admin import bootstrap
 from agentbus.cli.chat import ChatError, say
-from agentbus.db.engine import create_engine
-from agentbus.db.migrations import upgrade
 from agentbus.domain.handling import load
 from agentbus.domain.workspace import WORKSPACE
 from agentbus.events.catalog import default_registry
@@ -40,6 +37,7 @@ from agentbus.runtime.embedded import EmbeddedNats
 from agentbus.runtime.platform import Platform
 from agentbus.settings import AgentConfig, Settings
 from agentbus.store import EventStore
+from tests.conftest import gateway_in_process
 
 from .conftest import connect
 
@@ -396,29 +394,8 @@ class Gateway:
 
 @pytest.fixture
 async def gateway(private_store: EventStore, database_url: str) -> AsyncIterator[Gateway]:
-    await upgrade(database_url)
-    engine = create_engine(database_url)
-    platform = Platform(
-        Settings(agents=AGENTS),
-        "nats://private",
-        database_url,
-        private_store._nc,
-        private_store,
-        engine,
-    )
-    app = create_app(platform, rate=1000, burst=1000)
-    key = await bootstrap(private_store._nc, private_store)
-    assert key is not None
-    try:
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://agentbus.test"
-            ) as client,
-        ):
-            yield Gateway(client, private_store, key.token, platform)
-    finally:
-        await engine.dispose()
+    async with gateway_in_process(private_store, database_url, Settings(agents=AGENTS)) as gw:
+        yield Gateway(gw.client, private_store, gw.system_key, gw.platform)
 
 
 async def _stored_message(gw: Gateway, ws: str, sid: str, position: int) -> str:

@@ -20,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 from typer.testing import CliRunner, Result
@@ -34,19 +33,15 @@ from agentbus.audit.replay import (
     replay_range,
     resume_point,
 )
-from agentbus.cli.admin import bootstrap
 from agentbus.cli.main import app
-from agentbus.db.engine import create_engine
-from agentbus.db.migrations import upgrade
 from agentbus.events.catalog import default_registry
 from agentbus.events.run import RunQueued, RunStarted
 from agentbus.events.session import MessageReceived, SessionClosed, SessionOpened
 from agentbus.events.subjects import AggregateRef
-from agentbus.gateway.app import create_app
 from agentbus.runtime.embedded import EmbeddedNats
-from agentbus.runtime.platform import Platform
 from agentbus.settings import Settings
 from agentbus.store import EventStore, RecordedEvent
+from tests.conftest import gateway_in_process
 
 from .test_gateway import Api, problem
 
@@ -478,23 +473,8 @@ async def test_an_interrupted_export_continues_with_no_gap_or_duplicate(
 async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api]:
     """The gateway on a nats-server of its own, without workers: nothing reacts to the seeded
     events, so the history stays what the test wrote."""
-    await upgrade(database_url)
-    engine = create_engine(database_url)
-    store = private_store
-    platform = Platform(Settings(), "nats://private", database_url, store._nc, store, engine)
-    app = create_app(platform, rate=1000, burst=1000)
-    key = await bootstrap(store._nc, store)
-    assert key is not None
-    try:
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://agentbus.test"
-            ) as client,
-        ):
-            yield Api(client, key.token, store, engine)
-    finally:
-        await engine.dispose()
+    async with gateway_in_process(private_store, database_url, Settings()) as gateway:
+        yield Api(gateway.client, gateway.system_key, private_store, gateway.platform.engine)
 
 
 async def test_api_every_filter_alone_and_combined(api: Api) -> None:
