@@ -358,19 +358,10 @@ class EventStore:
         """The event at `position`, or None if there is none (never written, or beyond)."""
         if position < 1:
             raise ValueError(f"positions start at 1, got {position}")
-        try:
-            reply = await self._nc.request(
-                f"$JS.API.DIRECT.GET.{self._stream}",
-                orjson.dumps({"seq": position}),
-                timeout=self._timeout,
-            )
-        except _TRANSPORT_ERRORS as exc:
-            raise StoreUnavailable(f"direct get of position {position} timed out") from exc
+        reply = await self._direct_get_one({"seq": position}, f"position {position}")
+        if reply is None:
+            return None
         headers = reply.headers or {}
-        if "Status" in headers:
-            if headers["Status"] == "404":
-                return None
-            raise StoreUnavailable(f"direct get failed: {headers}")
         await self._load_keys(reply.data)
         return self._decode(int(headers["Nats-Sequence"]), headers["Nats-Subject"], reply.data)
 
@@ -379,20 +370,24 @@ class EventStore:
         None when there is none yet. One direct get by start time: stored times follow
         positions, so this turns a time into a position (replays from a time)."""
         stamp = time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        reply = await self._direct_get_one({"start_time": stamp}, f"time {stamp}")
+        return None if reply is None else int((reply.headers or {})["Nats-Sequence"])
+
+    async def _direct_get_one(self, request: dict[str, Any], what: str) -> Msg | None:
+        """One message by direct get (`request`: its `seq` or `start_time`); None: no such
+        message."""
         try:
             reply = await self._nc.request(
-                f"$JS.API.DIRECT.GET.{self._stream}",
-                orjson.dumps({"start_time": stamp}),
-                timeout=self._timeout,
+                f"$JS.API.DIRECT.GET.{self._stream}", orjson.dumps(request), timeout=self._timeout
             )
         except _TRANSPORT_ERRORS as exc:
-            raise StoreUnavailable(f"direct get at time {stamp} timed out") from exc
+            raise StoreUnavailable(f"direct get of {what} timed out") from exc
         headers = reply.headers or {}
         if "Status" in headers:
             if headers["Status"] == "404":
                 return None
-            raise StoreUnavailable(f"direct get at time {stamp} failed: {headers}")
-        return int(headers["Nats-Sequence"])
+            raise StoreUnavailable(f"direct get of {what} failed: {headers}")
+        return reply
 
     async def last_position(self) -> int:
         """The stream's last position (0 when empty)."""
