@@ -251,7 +251,7 @@ async def test_a_chat_round_trip_with_the_echo_agent(page: Page, deployment: Dep
     await expect(log.locator("li.message.in .text")).to_have_text(["hello there, agent"])
     await expect(page.get_by_role("heading", name="Round trip")).to_be_visible()
     await page.get_by_role("button", name="Sessions").click()  # the list, on a phone
-    await expect(page.get_by_role("button", name="Round trip")).to_be_visible()
+    await expect(page.get_by_role("button", name="Round trip")).to_contain_text("2 messages")
     await page.get_by_role("button", name="Round trip").click()
 
     # Keyboard only: the skip link leads to the message box, which sends on Enter.

@@ -500,6 +500,18 @@
     li.dataset.messageId = id;
     li.querySelector(".text").textContent = text;
     state.messages.set(id, li);
+    listed(time);
+  }
+
+  // The open session's line in the list follows what the stream shows (the list itself is
+  // as of when it was loaded).
+  function listed(time) {
+    const button = $("session-list").querySelector(`button[data-sid="${CSS.escape(state.sid)}"]`);
+    const small = button && button.querySelector("small");
+    if (!small) return;
+    const count = state.messages.size;
+    const when = time ? new Date(time).toLocaleString() : "";
+    small.textContent = `${count} message${count === 1 ? "" : "s"}${when ? ` · ${when}` : ""}`;
   }
 
   function run(runId) {
