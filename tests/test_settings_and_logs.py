@@ -69,3 +69,14 @@ def test_console_logs_are_readable(capsys: pytest.CaptureFixture[str]) -> None:
     assert "disk almost full" in err
     assert "free" in err
     assert not err.lstrip().startswith("{")
+
+
+def test_every_setting_is_documented_in_operations() -> None:
+    """docs/operations.md lists every `AGENTBUS_*` variable the settings object reads."""
+    table = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    missing = [
+        f"AGENTBUS_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`AGENTBUS_{name.upper()}`" not in table
+    ]
+    assert missing == []
