@@ -4,8 +4,10 @@ and their own database (Postgres); tests that stop a server get their own server
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,3 +156,19 @@ async def gateway_in_process(
             yield InProcessGateway(client, key.token, platform)
     finally:
         await engine.dispose()
+
+
+async def stop_tasks(
+    stop: asyncio.Event, tasks: list[asyncio.Task[None]], within: float = 60
+) -> None:
+    """Set `stop` and wait for `tasks` (workers, projectors) to end. One that does not end
+    within `within` seconds fails the test with every asyncio task's stack on stderr: what it
+    waits for is the bug (pytest-timeout would show only the idle event loop)."""
+    stop.set()
+    _, pending = await asyncio.wait(tasks, timeout=within)
+    if pending:
+        for task in asyncio.all_tasks():
+            print(f"--- {task!r}", file=sys.stderr)
+            task.print_stack(file=sys.stderr)
+        raise AssertionError(f"{len(pending)} task(s) did not stop within {within}s: {pending}")
+    await asyncio.gather(*tasks)

@@ -49,7 +49,7 @@ from agentbus.store import EventStore
 from agentbus.workers.autoreply import AutoReply
 from agentbus.workers.expiry import ApprovalExpiry
 from agentbus.workers.runs import RunWorker
-from tests.conftest import gateway_in_process
+from tests.conftest import gateway_in_process, stop_tasks
 from tests.executors.stand_ins import LocalServer, openai_app
 from tests.test_gateway import Api, problem
 
@@ -74,8 +74,7 @@ async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api
         try:
             yield Api(gateway.client, gateway.system_key, store, engine)
         finally:
-            stop.set()
-            await asyncio.gather(*tasks)
+            await stop_tasks(stop, tasks)
 
 
 async def eventually(probe: Any, what: str, timeout: float = 10.0) -> Any:

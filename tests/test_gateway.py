@@ -26,7 +26,7 @@ from agentbus.settings import AgentConfig, Settings
 from agentbus.store import EventStore
 from agentbus.workers.autoreply import AutoReply
 from agentbus.workers.runs import RunWorker
-from tests.conftest import gateway_in_process
+from tests.conftest import gateway_in_process, stop_tasks
 
 AGENTS = {"echo": AgentConfig(executor="echo", options={"word_delay": 0})}
 
@@ -82,8 +82,7 @@ async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api
         try:
             yield Api(gateway.client, gateway.system_key, store, engine)
         finally:
-            stop.set()
-            await asyncio.gather(*tasks)
+            await stop_tasks(stop, tasks)
 
 
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -54,10 +54,17 @@ class Batches:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        reader = self._reader
+        if reader is None:
+            return
+        # Cancelled again every second until it ends: a cancellation can be swallowed on its
+        # way (Python 3.11's `asyncio.wait_for`, inside nats-py), and a reader that missed it
+        # would hold its projection (and the process's shutdown) forever.
+        while not reader.done():
+            reader.cancel()
+            await asyncio.wait((reader,), timeout=1.0)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            reader.result()
 
     @property
     def drained(self) -> bool:

@@ -539,19 +539,28 @@ class EventStore:
         """The next message of a reader whose queue is empty. Raises what `next_msg` did: a
         closed connection, or (unless following) `StoreUnavailable` after the timeout."""
         waited = 0.0
+        task = asyncio.current_task()
         while True:
             if self._nc.is_closed:
                 raise ConnectionClosedError
+            if task is not None and task.cancelling():
+                # A cancellation that something swallowed: Python 3.11's `asyncio.wait_for`
+                # (inside nats-py's requests, e.g. while this reader subscribed) returns a
+                # result that arrived together with the cancellation and drops the
+                # cancellation. A following reader would then wait here forever.
+                raise asyncio.CancelledError
             step = _CLOSED_CHECK if follow else min(_CLOSED_CHECK, self._timeout - waited)
+            getter = asyncio.ensure_future(received.get())
             try:
-                async with asyncio.timeout(step):
-                    return await received.get()
-            except TimeoutError:
-                waited += step
-                if not follow and waited >= self._timeout:
-                    raise StoreUnavailable(
-                        f"reading {self._stream} stalled for {self._timeout:g}s"
-                    ) from None
+                done, _ = await asyncio.wait((getter,), timeout=step)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if done:
+                return getter.result()
+            waited += step
+            if not follow and waited >= self._timeout:
+                raise StoreUnavailable(f"reading {self._stream} stalled for {self._timeout:g}s")
 
     async def _load_keys(self, data: bytes) -> None:
         """Load the subject keys a sealed payload needs, before it is decoded (nothing to do
