@@ -50,7 +50,6 @@ from typing import Any
 
 import httpx
 import orjson
-import psutil
 import uvicorn
 from nats.aio.client import Client as NATS
 from starlette.applications import Starlette
@@ -73,6 +72,7 @@ from benchmarks import Figure, Options
 from benchmarks.append import _ReplyInbox, _sequence
 from benchmarks.env import Env
 from benchmarks.measure import Sample, throughput
+from benchmarks.servers import served
 
 NAME = "http_ingest"
 DESCRIPTION = "messages posted through the HTTP gateway vs a bare Starlette JetStream publisher"
@@ -84,8 +84,7 @@ LATENCY_CLIENTS = 1
 LATENCY_SHARE = 10
 MIN_LATENCY_POSTS = 200
 """A latency measurement posts max(MIN_LATENCY_POSTS, posts / LATENCY_SHARE) (500 by default)."""
-START_TIMEOUT = 30.0
-ROOT = Path(__file__).resolve().parent.parent
+MODULE = "benchmarks.http_ingest"
 """Where `python -m benchmarks.http_ingest` runs from."""
 TEXT = (
     "Could you summarise yesterday's incident report and draft a reply to the customer? "
@@ -110,8 +109,8 @@ async def run(env: Env, options: Options) -> list[Figure]:
     sessions = (f"s{n}" for n in itertools.count())
 
     async with (
-        _served("gateway", env, database_url) as gateway,
-        _served("bare", env, database_url) as bare,
+        served(MODULE, "gateway", env, database_url) as gateway,
+        served(MODULE, "bare", env, database_url) as bare,
     ):
         owner = await _workspace_owner(gateway.port, workspace, system.token)
 
@@ -286,55 +285,6 @@ async def _workspace_owner(port: int, workspace: str, system_key: str) -> str:
 
 
 # ---------------------------------------------------------------------------- the servers
-
-
-@dataclass
-class _Server:
-    port: int
-    process: psutil.Process
-
-    def cpu_seconds(self) -> float:
-        times = self.process.cpu_times()
-        return float(times.user + times.system)
-
-
-@contextlib.asynccontextmanager
-async def _served(kind: str, env: Env, database_url: str) -> AsyncIterator[_Server]:
-    """Serve `kind` ("gateway" or "bare") in a process of its own; its log goes to a file."""
-    port_file = env.directory / f"{kind}.port"
-    log = (env.directory / f"{kind}.log").open("wb")
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "benchmarks.http_ingest",
-        kind,
-        env.nats_url,
-        database_url,
-        str(port_file),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        cwd=ROOT,
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not port_file.exists():
-            if child.returncode is not None or time.monotonic() > deadline:
-                log.flush()
-                tail = (env.directory / f"{kind}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the {kind} server did not start:\n{tail}")
-            await asyncio.sleep(0.05)
-        yield _Server(int(port_file.read_text()), psutil.Process(child.pid))
-    finally:
-        if child.returncode is None:
-            child.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await child.wait()
-            except TimeoutError:
-                child.kill()
-                await child.wait()
-        log.close()
 
 
 def _bare_app(nc: NATS) -> Starlette:

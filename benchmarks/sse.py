@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psutil
 import uvicorn
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -69,6 +68,7 @@ from agentbus.store import NO_EVENTS, EventStore
 from agentbus.store.eventstore import ANY
 from benchmarks import Figure, Options
 from benchmarks.env import Env
+from benchmarks.servers import Server, served
 
 NAME = "sse"
 DESCRIPTION = "1,000 SSE clients, 500 events/s over their sessions; resume storm"
@@ -83,8 +83,7 @@ MEMORY_GOAL_KB = 50.0
 STORM_GOAL_S = 5.0
 WAIT = 60.0
 """Give up on a measurement when events stop arriving for this long."""
-START_TIMEOUT = 30.0
-ROOT = Path(__file__).resolve().parent.parent
+MODULE = "benchmarks.sse"
 TEXT = (
     "Could you summarise yesterday's incident report and draft a reply to the customer? "
     "Keep it short and mention that the fix ships on Thursday."
@@ -119,11 +118,11 @@ async def run(env: Env, options: Options) -> list[Figure]:
     raw = await _raw_measurements(env.nc, publisher, per_round, rounds)
 
     # --- reference: a bare SSE endpoint's memory per idle connection ---------------------------
-    async with _served(env, database_url, "bare") as bare:
+    async with served(MODULE, "bare", env, database_url) as bare:
         bare_memory = await _memory_per_connection(bare, workspace, sessions, key)
 
     # --- the gateway -----------------------------------------------------------------------------
-    async with _served(env, database_url, "gateway") as server:
+    async with served(MODULE, "gateway", env, database_url) as server:
         warm = _Client(server.port, workspace, sessions[0], key)
         await warm.connect(None)
         await warm.wait_for(1)
@@ -214,7 +213,7 @@ async def run(env: Env, options: Options) -> list[Figure]:
 
 
 async def _memory_per_connection(
-    server: _Server, workspace: str, sessions: list[str], key: str
+    server: Server, workspace: str, sessions: list[str], key: str
 ) -> float:
     """KB of RSS per open connection to `server` (1,000 clients, after one warm-up)."""
     warm = _Client(server.port, workspace, sessions[0], key)
@@ -447,56 +446,6 @@ async def _raw_measurements(nc: NATS, publisher: _Publisher, per_round: int, rou
 
 
 # ---------------------------------------------------------------------------- the gateway
-
-
-@dataclass
-class _Server:
-    port: int
-    process: psutil.Process
-
-    def cpu_seconds(self) -> float:
-        times = self.process.cpu_times()
-        return float(times.user + times.system)
-
-
-@contextlib.asynccontextmanager
-async def _served(env: Env, database_url: str, kind: str) -> AsyncIterator[_Server]:
-    """`kind` ("gateway" or "bare") in a process of its own; its log goes to a file."""
-    port_file = env.directory / f"sse-{kind}.port"
-    log_path = env.directory / f"sse-{kind}.log"
-    log = log_path.open("wb")
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "benchmarks.sse",
-        kind,
-        env.nats_url,
-        database_url,
-        str(port_file),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        cwd=ROOT,
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not port_file.exists():
-            if child.returncode is not None or time.monotonic() > deadline:
-                log.flush()
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the gateway did not start:\n{tail}")
-            await asyncio.sleep(0.05)
-        yield _Server(int(port_file.read_text()), psutil.Process(child.pid))
-    finally:
-        if child.returncode is None:
-            child.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await child.wait()
-            except TimeoutError:
-                child.kill()
-                await child.wait()
-        log.close()
 
 
 def _bare_app() -> Starlette:
