@@ -74,7 +74,7 @@ class ApprovalOut(BaseModel):
 
     @classmethod
     def of(cls, row: ApprovalRow) -> ApprovalOut:
-        return cls(**{name: getattr(row, name) for name in cls.model_fields})
+        return cls.model_validate(row, from_attributes=True)
 
 
 class ApprovalPage(BaseModel):

@@ -99,18 +99,7 @@ class SessionOut(BaseModel):
 
     @classmethod
     def of(cls, row: SessionRow) -> SessionOut:
-        return cls(
-            id=row.id,
-            channel=row.channel,
-            title=row.title,
-            agent=row.agent,
-            status=row.status,
-            created_at=row.created_at,
-            closed_at=row.closed_at,
-            last_message_at=row.last_message_at,
-            message_count=row.message_count,
-            position=row.position,
-        )
+        return cls.model_validate(row, from_attributes=True)
 
 
 class SessionPage(BaseModel):
@@ -215,16 +204,7 @@ class MessageOut(BaseModel):
 
     @classmethod
     def of(cls, row: MessageRow) -> MessageOut:
-        return cls(
-            position=row.position,
-            message_id=row.message_id,
-            direction=row.direction,
-            author=row.author,
-            text=row.text,
-            created_at=row.created_at,
-            external_id=row.external_id,
-            run_id=row.run_id,
-        )
+        return cls.model_validate(row, from_attributes=True)
 
 
 @router.post(
@@ -347,7 +327,7 @@ class RunOut(BaseModel):
 
     @classmethod
     def of(cls, row: RunRow) -> RunOut:
-        return cls(**{name: getattr(row, name) for name in cls.model_fields})
+        return cls.model_validate(row, from_attributes=True)
 
 
 class RunPage(BaseModel):
