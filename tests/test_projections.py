@@ -260,7 +260,7 @@ class Picky(SessionsProjection):
         def message(recorded: Any) -> Iterator[Write]:
             if recorded.event.text in FAIL_ON:
                 raise ValueError(f"refusing {recorded.event.text!r}")
-            yield from SessionsProjection.message(recorded)
+            yield from SessionsProjection.received(recorded)
 
         return {**super().handlers(), MessageReceived: message}
 

@@ -6,6 +6,7 @@ anything is published: a dot, a wildcard, whitespace, an empty or over-long toke
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -68,10 +69,23 @@ class AggregateRef:
 
     @classmethod
     def from_subject(cls, subject: str) -> AggregateRef:
-        parts = subject.split(".")
-        if len(parts) != 5 or parts[0] != EVENTS_PREFIX:
+        head, dot, _ = subject.rpartition(".")
+        ref = _ref_of_prefix(head) if dot else None
+        if ref is None:
             raise InvalidEvent(f"{subject!r} is not an event subject evt.<ws>.<kind>.<id>.<event>")
-        return cls(parts[1], parts[2], parts[3])
+        return ref
+
+
+@functools.lru_cache(maxsize=4096)
+def _ref_of_prefix(prefix: str) -> AggregateRef | None:
+    """The aggregate of subjects `<prefix>.<event>` (None if `prefix` is not evt.<ws>.<kind>.
+    <id>), cached: every event read asks for its aggregate, and an aggregate's events share the
+    prefix (refs are frozen, so sharing one is safe). Invalid tokens raise (exceptions are not
+    cached); the cache is bounded."""
+    parts = prefix.split(".")
+    if len(parts) != 4 or parts[0] != EVENTS_PREFIX:
+        return None
+    return AggregateRef(parts[1], parts[2], parts[3])
 
 
 def workspace_filter(workspace: str, kind: str = "*") -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +51,10 @@ class LostLeadership(AgentbusError):
 
 @dataclass(frozen=True, slots=True)
 class RuntimeOptions:
-    batch_size: int = 1000
-    """Most events applied in one transaction."""
+    batch_size: int = 2000
+    """Most events applied in one transaction. Larger batches fold more counter updates into
+    one row each (catch-up of sessions + messages: 1,000 → 2,000 measured ~1.2x faster, 4,000
+    no faster again); the reader holds up to two batches ahead."""
     linger: float = 0.02
     """Seconds to wait for more events once a batch has its first one."""
     lock_poll: float = 1.0
@@ -123,20 +126,29 @@ class ProjectionWorker:
         position = state.position
         applied = dead = 0
         options = self._options
-        async with Batches(
-            self._store, position + 1, size=options.batch_size, linger=options.linger
-        ) as batches:
+        # One connection for every batch: a checkout per batch would add the pool's ping.
+        async with (
+            self._engine.connect() as connection,
+            Batches(
+                self._store,
+                position + 1,
+                size=options.batch_size,
+                linger=options.linger,
+                prepare=self._prepare,
+            ) as batches,
+        ):
+            raw = await driver_connection(connection)
             while not stop.is_set():
                 batch = await batches.next()
                 if not batch:
                     continue
                 if held.lost.is_set():
                     raise LostLeadership("the lock connection dropped")
-                outcome = await self._apply(batch, position)
+                outcome = await self._apply(raw, batch, position)
                 position = outcome.position
                 applied += outcome.applied
                 dead += outcome.dead_letters
-                caught_up = batch[-1].pending == 0 and batches.drained
+                caught_up = batch[-1].event.pending == 0 and batches.drained
                 if self._on_progress is not None:
                     self._on_progress(Progress(self.generation, position, applied, dead, caught_up))
                 if outcome.halted:
@@ -169,55 +181,53 @@ class ProjectionWorker:
 
     # ------------------------------------------------------------------ applying
 
-    async def _apply(self, events: Sequence[RawEvent], position: int) -> _Outcome:
-        """Apply `events` (which follow `position`) in one transaction, fenced on `position`."""
+    async def _apply(
+        self, raw: asyncpg.Connection, batch: Sequence[Prepared], position: int
+    ) -> _Outcome:
+        """Apply `batch` (which follows `position`) in one transaction, fenced on `position`."""
         halt = self.projection.on_poison == "halt"
-        decoded, poisoned = self._decode(events)
+        events = [p.event for p in batch]
+        decoded = [(p.event, p.writes) for p in batch if p.writes]
+        poisoned = [(p.event, p.error) for p in batch if p.error is not None]
         if halt and poisoned:
             events, decoded, poisoned = _cut_before(poisoned[0], events, decoded)
-        async with self._engine.connect() as connection:
-            raw = await driver_connection(connection)
-            try:
-                async with raw.transaction():
-                    await self._execute_writes(raw, [w for _, writes in decoded for w in writes])
-                    return await self._commit(raw, events, position, poisoned, halt)
-            except asyncpg.PostgresError as exc:
-                if isinstance(exc, asyncpg.PostgresConnectionError):
-                    raise
-                self._log.warning("batch failed; isolating the poison event", error=str(exc))
-            # Slow path: one savepoint per event finds the event(s) the database refuses.
+        try:
             async with raw.transaction():
-                refused: list[tuple[RawEvent, str]] = []
-                for raw_event, writes in decoded:
-                    try:
-                        async with raw.transaction():
-                            await self._execute_writes(raw, writes)
-                    except asyncpg.PostgresError as exc:
-                        if isinstance(exc, asyncpg.PostgresConnectionError):
-                            raise
-                        refused.append((raw_event, f"{type(exc).__name__}: {exc}"))
-                        if halt:
-                            events, decoded, poisoned = _cut_before(refused[0], events, decoded)
-                            break
-                else:
-                    poisoned = sorted([*poisoned, *refused], key=lambda item: item[0].position)
+                await self._execute_writes(raw, [w for _, writes in decoded for w in writes])
                 return await self._commit(raw, events, position, poisoned, halt)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError):
+                raise
+            self._log.warning("batch failed; isolating the poison event", error=str(exc))
+        # Slow path: one savepoint per event finds the event(s) the database refuses.
+        async with raw.transaction():
+            refused: list[tuple[RawEvent, str]] = []
+            for raw_event, writes in decoded:
+                try:
+                    async with raw.transaction():
+                        await self._execute_writes(raw, writes)
+                except asyncpg.PostgresError as exc:
+                    if isinstance(exc, asyncpg.PostgresConnectionError):
+                        raise
+                    refused.append((raw_event, f"{type(exc).__name__}: {exc}"))
+                    if halt:
+                        events, decoded, poisoned = _cut_before(refused[0], events, decoded)
+                        break
+            else:
+                poisoned = sorted([*poisoned, *refused], key=lambda item: item[0].position)
+            return await self._commit(raw, events, position, poisoned, halt)
 
-    def _decode(
-        self, events: Sequence[RawEvent]
-    ) -> tuple[list[tuple[RawEvent, list[Write]]], list[tuple[RawEvent, str]]]:
-        decoded: list[tuple[RawEvent, list[Write]]] = []
-        poisoned: list[tuple[RawEvent, str]] = []
-        for raw_event in events:
-            try:
-                recorded = self._store.decode(raw_event)
-                handler = self._handlers.get(type(recorded.event))
-                if handler is None:
-                    continue
-                decoded.append((raw_event, list(handler(recorded))))
-            except Exception as exc:  # a handler's bug must not stop the others
-                poisoned.append((raw_event, f"{type(exc).__name__}: {exc}"))
-        return decoded, poisoned
+    def _prepare(self, raw_event: RawEvent) -> Prepared:
+        """Decode one event and run its handler: its rows, or why it cannot be applied. Runs in
+        the reader, ahead of `_apply` (see `Batches`)."""
+        try:
+            recorded = self._store.decode(raw_event)
+            handler = self._handlers.get(type(recorded.event))
+            if handler is None:
+                return Prepared(raw_event, ())
+            return Prepared(raw_event, tuple(handler(recorded)))
+        except Exception as exc:  # a handler's bug must not stop the others
+            return Prepared(raw_event, (), f"{type(exc).__name__}: {exc}")
 
     async def _execute_writes(self, raw: asyncpg.Connection, writes: Sequence[Write]) -> None:
         await execute_writes(raw, self.projection, self._sql, writes)
@@ -280,11 +290,21 @@ class ProjectionWorker:
             self._log.error("dead letter", position=event.position, error=error)
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One event made ready to apply: the rows its handler wrote, or why it cannot be applied
+    (`error`: it becomes a dead letter)."""
+
+    event: RawEvent
+    writes: tuple[Write, ...]
+    error: str | None = None
+
+
 def _cut_before(
     poison: tuple[RawEvent, str],
     events: Sequence[RawEvent],
-    decoded: Sequence[tuple[RawEvent, list[Write]]],
-) -> tuple[list[RawEvent], list[tuple[RawEvent, list[Write]]], list[tuple[RawEvent, str]]]:
+    decoded: Sequence[tuple[RawEvent, tuple[Write, ...]]],
+) -> tuple[list[RawEvent], list[tuple[RawEvent, tuple[Write, ...]]], list[tuple[RawEvent, str]]]:
     """Halting: keep only what precedes the poison event, which becomes the one dead letter."""
     cut = poison[0].position
     return (
@@ -328,10 +348,12 @@ def _merged(
     merge: Callable[[tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]],
 ) -> list[tuple[Any, ...]]:
     """Rows sharing the `key` parameters folded into one (first-seen order kept)."""
-    folded: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    folded: dict[Any, tuple[Any, ...]] = {}
+    key_of = operator.itemgetter(*key)
     for row in rows:
-        k = tuple(row[i] for i in key)
-        folded[k] = merge(folded[k], row) if k in folded else row
+        k = key_of(row)
+        seen = folded.get(k)
+        folded[k] = row if seen is None else merge(seen, row)
     return list(folded.values())
 
 

@@ -6,12 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Generic, TypeVar, overload
 
 from agentbus.errors import AgentbusError
 from agentbus.events.subjects import EVENTS_PREFIX
 from agentbus.store.eventstore import EventStore, RawEvent
+
+T = TypeVar("T")
+_CHUNK = 128
+"""Events prepared at a time before the reader lets other tasks run."""
 
 
 class ReaderEnded(AgentbusError):
@@ -19,11 +25,40 @@ class ReaderEnded(AgentbusError):
     start again from the last position written."""
 
 
-class Batches:
+class Batches(Generic[T]):
     """The events of `subjects` from position `start` on, read ahead by an ordered consumer
-    into a bounded queue (`size` * 4) and handed out in batches, in stream order.
+    into a bounded buffer (`size` * 2) and handed out in batches, in stream order.
+
+    With `prepare`, each event is handed out as `prepare(event)`, computed by the reader as
+    events arrive: while the caller awaits its database with one batch, the next one is being
+    prepared (decoded, turned into rows), so the two overlap instead of taking turns.
 
     Use as `async with Batches(...) as batches: batch = await batches.next()`."""
+
+    @overload
+    def __init__(
+        self: Batches[RawEvent],
+        store: EventStore,
+        start: int,
+        *,
+        size: int,
+        linger: float,
+        subjects: Sequence[str] = ...,
+        idle: float = ...,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: Batches[T],
+        store: EventStore,
+        start: int,
+        *,
+        size: int,
+        linger: float,
+        prepare: Callable[[RawEvent], T],
+        subjects: Sequence[str] = ...,
+        idle: float = ...,
+    ) -> None: ...
 
     def __init__(
         self,
@@ -32,6 +67,7 @@ class Batches:
         *,
         size: int,
         linger: float,
+        prepare: Callable[[RawEvent], T] | None = None,
         subjects: Sequence[str] = (f"{EVENTS_PREFIX}.>",),
         idle: float = 0.5,
     ) -> None:
@@ -39,12 +75,16 @@ class Batches:
         self._start = start
         self._size = size
         self._linger = linger
+        self._prepare = prepare
         self._subjects = tuple(subjects)
         self._idle = idle
-        self._queue: asyncio.Queue[RawEvent] = asyncio.Queue(maxsize=size * 4)
+        self._limit = size * 2
+        self._buffer: deque[T] = deque()
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Batches:
+    async def __aenter__(self) -> Batches[T]:
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -69,40 +109,63 @@ class Batches:
     @property
     def drained(self) -> bool:
         """Nothing read ahead is waiting (with a batch's last `pending` 0: caught up)."""
-        return self._queue.empty()
+        return not self._buffer
 
-    async def next(self) -> list[RawEvent]:
+    async def next(self) -> list[T]:
         """Up to `size` events: waits up to `idle` seconds for the first (then returns an empty
         batch, so the caller can check for stop), then at most `linger` for more. Raises why
         the reader failed, or `ReaderEnded`."""
-        queue, reader = self._queue, self._reader
+        reader = self._reader
         assert reader is not None, "use Batches in `async with`"
-        try:
-            first = await asyncio.wait_for(queue.get(), self._idle)
-        except TimeoutError:
-            if reader.done():
-                reader.result()  # re-raise why the reader ended
-                raise ReaderEnded("the event reader ended") from None
-            return []
-        batch = [first]
+        if not self._buffer:
+            if not reader.done():
+                await self._wait_for_events(self._idle)
+            if not self._buffer:
+                if reader.done():
+                    reader.result()  # re-raise why the reader ended
+                    raise ReaderEnded("the event reader ended")
+                return []
         deadline = time.monotonic() + self._linger
-        while len(batch) < self._size:
-            try:
-                batch.append(queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
+        while len(self._buffer) < self._size and not reader.done():
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not await self._wait_for_events(remaining):
                 break
-            try:
-                batch.append(await asyncio.wait_for(queue.get(), remaining))
-            except TimeoutError:
-                break
+        buffer, size = self._buffer, self._size
+        batch = [buffer.popleft() for _ in range(min(size, len(buffer)))]
+        self._room.set()
         return batch
 
+    async def _wait_for_events(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the reader to add events; False on timeout."""
+        self._arrived.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._arrived.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def _read(self) -> None:
-        async for raw in self._store.read_raw(
-            from_position=self._start, subjects=self._subjects, follow=True
-        ):
-            await self._queue.put(raw)
+        prepare, buffer = self._prepare, self._buffer
+        try:
+            async for chunk in self._store.read_raw_chunks(
+                from_position=self._start,
+                subjects=self._subjects,
+                follow=True,
+                chunk=_CHUNK,
+            ):
+                if prepare is None:
+                    buffer.extend(chunk)  # type: ignore[arg-type]  # T is RawEvent
+                else:
+                    buffer.extend(map(prepare, chunk))
+                self._arrived.set()
+                if len(buffer) >= self._limit:
+                    while len(buffer) >= self._limit:
+                        self._room.clear()
+                        await self._room.wait()
+                else:
+                    # Let the caller's database replies in between: preparing many chunks in a
+                    # row would delay each of its round trips by all of them.
+                    await asyncio.sleep(0)
+        finally:
+            self._arrived.set()  # a waiting `next` sees the reader ended at once

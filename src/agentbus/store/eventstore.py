@@ -431,6 +431,24 @@ class EventStore:
     ) -> AsyncIterator[RawEvent]:
         """Like `read`, without decoding (an ordered consumer: ephemeral, no acks, re-created
         by the client on a gap)."""
+        async for chunk in self.read_raw_chunks(
+            from_position=from_position, subjects=subjects, to_position=to_position, follow=follow
+        ):
+            for raw in chunk:
+                yield raw
+
+    async def read_raw_chunks(
+        self,
+        *,
+        from_position: int = 1,
+        subjects: Sequence[str] = (f"{EVENTS_PREFIX}.>",),
+        to_position: int | None = None,
+        follow: bool = False,
+        chunk: int = _READ_AHEAD,
+    ) -> AsyncIterator[list[RawEvent]]:
+        """`read_raw`, handing over what has arrived so far as one list (at most `chunk`
+        events, never empty): for readers that process many events at a time (the projection
+        runtime, the notary), one hand-over per list instead of one per event."""
         if from_position < 1:
             raise ValueError(f"positions start at 1, got {from_position}")
         if not subjects:
@@ -469,6 +487,7 @@ class EventStore:
             )
         except _TRANSPORT_ERRORS as exc:
             raise StoreUnavailable(f"cannot start a reader on {self._stream}") from exc
+        sealer = self._sealer
         try:
             if not follow:
                 # Nothing pending and nothing delivered yet: no event matches at all. (Pending
@@ -483,17 +502,28 @@ class EventStore:
                     msg = received.get_nowait()
                 except asyncio.QueueEmpty:
                     msg = await self._wait_for_message(received, follow)
-                meta = msg.metadata
-                position = meta.sequence.stream
-                pending = meta.num_pending or 0
-                if until is not None and position > until:
-                    return  # filtered: the event at `until` may not match, the next one does
-                await self._load_keys(msg.data)  # so that `decode` has the keys
-                yield RawEvent(position, msg.subject, msg.data, meta.timestamp, pending)
-                if until is not None and position >= until:
-                    return
-                if not follow and pending == 0:
-                    return
+                events: list[RawEvent] = []
+                while True:
+                    position, stamp, pending = _delivery(msg)
+                    if until is not None and position > until:
+                        # Filtered: the event at `until` may not match, the next one does.
+                        if events:
+                            yield events
+                        return
+                    data = msg.data
+                    if sealer is not None and SEALED_MARK in data and not sealer.ready(data):
+                        await sealer.prepare(data)  # so that `decode` has the keys
+                    events.append(RawEvent(position, msg.subject, data, stamp, pending))
+                    if (until is not None and position >= until) or (not follow and not pending):
+                        yield events
+                        return
+                    if len(events) >= chunk:
+                        break
+                    try:
+                        msg = received.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                yield events
         finally:
             # Best effort: the ordered consumer is ephemeral and expires on its own.
             with contextlib.suppress(Exception):
@@ -796,3 +826,16 @@ def _checked_ids(
     if len(set(ids)) != len(ids):
         raise InvalidEvent("event ids within one append must be distinct")
     return ids
+
+
+def _delivery(msg: Msg) -> tuple[int, datetime, int]:
+    """Stream position, storage time and pending count of a message an ordered consumer
+    delivered, read from its reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream
+    seq>.<consumer seq>.<ns>.<pending>`): the common form directly, about 3x cheaper than
+    nats-py's `Msg.metadata`; any other form (with a domain) through it."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        stamp = datetime.fromtimestamp(int(tokens[7]) / 1e9, UTC)
+        return int(tokens[5]), stamp, int(tokens[8])
+    meta = msg.metadata
+    return meta.sequence.stream, meta.timestamp, meta.num_pending or 0
