@@ -65,6 +65,7 @@ from agentbus.events import AggregateRef, EventContext, uuid7
 from agentbus.events.session import MessageReceived
 from agentbus.gateway.app import create_app
 from agentbus.runtime.platform import Platform
+from agentbus.runtime.roles import HTTP_PARSER
 from agentbus.settings import Settings
 from agentbus.store.connection import connect_nats
 from agentbus.store.eventstore import encode_event
@@ -334,7 +335,13 @@ async def _serve(kind: str, nats_url: str, database_url: str, port_file: Path) -
     # protocol is IPPROTO_TCP, and a plain socket.socket() bound here would have 0, costing
     # every response ~40 ms of Nagle and delayed ACK.)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        http=HTTP_PARSER,
     )
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())

@@ -63,6 +63,7 @@ from agentbus.events import AggregateRef
 from agentbus.events.session import MessageReceived, SessionOpened
 from agentbus.gateway.app import create_app
 from agentbus.runtime.platform import Platform
+from agentbus.runtime.roles import HTTP_PARSER
 from agentbus.settings import Settings
 from agentbus.store import NO_EVENTS, EventStore
 from agentbus.store.eventstore import ANY
@@ -481,6 +482,7 @@ async def _serve(kind: str, nats_url: str, database_url: str, port_file: Path) -
         log_config=None,
         access_log=False,
         lifespan="on",
+        http=HTTP_PARSER,
         timeout_graceful_shutdown=1,
         backlog=4096,
     )

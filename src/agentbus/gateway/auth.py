@@ -177,31 +177,29 @@ class Identities:
         self._changes += 1
         self._cache.pop(f"{ref.workspace}.{ref.kind}.{ref.id}", None)
 
-    async def _state(self, decider: Decider[Any, Any], ref: AggregateRef) -> Any:
-        key = f"{ref.workspace}.{ref.kind}.{ref.id}"
+    async def _state(self, decider: Decider[Any, Any], workspace: str, kind: str, id_: str) -> Any:
+        # Looked up by its subject tokens: on a hit (every request but the first) no
+        # `AggregateRef` is built and validated.
+        key = f"{workspace}.{kind}.{id_}"
         cached = self._cache.get(key)
         if cached is not None:
             return cached[0]
         changes = self._changes
-        state, position = await load(self._store, decider, ref)
+        state, position = await load(self._store, decider, AggregateRef(workspace, kind, id_))
         if changes == self._changes:  # else it may predate an event that arrived meanwhile
             self._cache[key] = (state, position)
         return state
 
     async def user(self, user_id: str) -> UserState:
-        state: UserState = await self._state(USER, AggregateRef(SYSTEM_WORKSPACE, "user", user_id))
+        state: UserState = await self._state(USER, SYSTEM_WORKSPACE, "user", user_id)
         return state
 
     async def key(self, key_id: str) -> ApiKeyState:
-        state: ApiKeyState = await self._state(
-            API_KEY, AggregateRef(SYSTEM_WORKSPACE, "apikey", key_id)
-        )
+        state: ApiKeyState = await self._state(API_KEY, SYSTEM_WORKSPACE, "apikey", key_id)
         return state
 
     async def workspace(self, workspace: str) -> WorkspaceState:
-        state: WorkspaceState = await self._state(
-            WORKSPACE, AggregateRef(workspace, "workspace", workspace)
-        )
+        state: WorkspaceState = await self._state(WORKSPACE, workspace, "workspace", workspace)
         return state
 
     async def redaction(self, workspace: str) -> RedactionMode:

@@ -72,8 +72,11 @@ class FastIngest:
                 await self.app(scope, _replay(raw), send)
                 return
             ids = identities(request)
+            authorization = _text(headers.get(b"authorization"))
+            # An Authorization header is all `authenticate` looks at when there is one: the
+            # cookies are parsed only without it.
             principal = await ids.authenticate(
-                _text(headers.get(b"authorization")), request.cookies.get(COOKIE)
+                authorization, None if authorization else request.cookies.get(COOKIE)
             )
             limiter: RateLimiter = request.app.state.rate_limiter
             limiter.check(principal.actor)
