@@ -63,7 +63,7 @@ from agentbus.events import AggregateRef
 from agentbus.events.session import MessageReceived, SessionOpened
 from agentbus.gateway.app import create_app
 from agentbus.runtime.platform import Platform
-from agentbus.runtime.roles import HTTP_PARSER
+from agentbus.runtime.roles import HTTP_PARSER, tune_collector
 from agentbus.settings import Settings
 from agentbus.store import NO_EVENTS, EventStore
 from agentbus.store.eventstore import ANY
@@ -508,6 +508,7 @@ def main(argv: Sequence[str]) -> None:
     kind, nats_url, database_url, port_file = argv
     if kind not in ("gateway", "bare"):
         raise SystemExit(f"serve gateway or bare, not {kind!r}")
+    tune_collector()  # as `agentbus up` and `agentbus serve` run their roles
     asyncio.run(_serve(kind, nats_url, database_url, Path(port_file)))
 
 

@@ -316,9 +316,10 @@ async def _start_platform(
     from agentbus.db.migrations import upgrade
     from agentbus.resources import resource
     from agentbus.runtime.platform import Platform
-    from agentbus.runtime.roles import run_roles
+    from agentbus.runtime.roles import run_roles, tune_collector
     from agentbus.store.streams import apply_streams, load_stream_specs
 
+    tune_collector()
     platform = await Platform.connect(settings, nats_url, database_url)
     try:
         bootstrap_key = None
