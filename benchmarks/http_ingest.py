@@ -3,12 +3,12 @@ validation, the session's decision, the append), beside a bare Starlette endpoin
 parses the body and publishes it to JetStream, measured in the same run by the same client.
 
 Processes. Each app is served by uvicorn in a process of its own, configured as `agentbus up`
-serves the gateway (one process, `lifespan="on"`, no access log, uvicorn's default HTTP
-implementation), and the load comes from this process. On 2 cores, serving in the benchmark
-process would make the server's one event loop share its CPU with the client's, and the figure
-would be the sum of both costs; in separate processes the OS puts the server and the client
-on different cores, and nats-server takes what is left. Both servers run for the whole
-scenario; only the one being measured is busy.
+serves the gateway (one process, `lifespan="on"`, no access log, httptools as the HTTP
+parser, the garbage collector tuned by `tune_collector`), and the load comes from this
+process. On 2 cores, serving in the benchmark process would make the server's one event loop
+share its CPU with the client's, and the figure would be the sum of both costs; in separate
+processes the OS puts the server and the client on different cores, and nats-server takes
+what is left. Both servers run for the whole scenario; only the one being measured is busy.
 
 - **gateway**: `create_app(platform, rate=1e9, burst=1e9)` over `Platform.connect` (its own
   NATS connection and Postgres engine), no projector and no workers: ingest only. Sessions
