@@ -184,6 +184,24 @@ async def test_batch_size_does_not_change_the_tables(
     assert len(small[0]) == 12
 
 
+async def test_an_idle_worker_gives_its_database_connection_back(
+    store: EventStore, engine: AsyncEngine, workspace: str
+) -> None:
+    """A worker holds one connection while it has batches to apply and returns it to the pool
+    once idle: projections and the gateway share a process's pool."""
+    last = await conversation(store, workspace, sessions=3, messages=5, seed=3)
+    async with projecting(store, engine):
+        await wait_for_position(engine, "sessions", last)
+        async with asyncio.timeout(10):
+            while engine.pool.checkedout() > 1:  # only the lock's connection stays out
+                await asyncio.sleep(0.05)
+        ref = AggregateRef(workspace, "session", "later")
+        later = await store.append(ref, [SessionOpened(channel="web")], expect=NO_EVENTS)
+        await wait_for_position(engine, "sessions", later.last_position)
+    session = await get_session(engine, workspace, "later")
+    assert session is not None
+
+
 async def test_restart_resumes_from_the_checkpoint_exactly_once(
     store: EventStore, engine: AsyncEngine, database_url: str, workspace: str
 ) -> None:

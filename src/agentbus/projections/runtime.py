@@ -27,7 +27,7 @@ from typing import Any
 
 import asyncpg
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from agentbus.db.engine import driver_connection
 from agentbus.db.leadership import Leadership, leadership, sleep_or_stop
@@ -126,37 +126,49 @@ class ProjectionWorker:
         position = state.position
         applied = dead = 0
         options = self._options
-        # One connection for every batch: a checkout per batch would add the pool's ping.
-        async with (
-            self._engine.connect() as connection,
-            Batches(
+        # One connection while there are batches to apply (a checkout per batch would add the
+        # pool's ping), given back to the pool as soon as the worker is idle.
+        connection: AsyncConnection | None = None
+        try:
+            async with Batches(
                 self._store,
                 position + 1,
                 size=options.batch_size,
                 linger=options.linger,
                 prepare=self._prepare,
-            ) as batches,
-        ):
-            raw = await driver_connection(connection)
-            while not stop.is_set():
-                batch = await batches.next()
-                if not batch:
-                    continue
-                if held.lost.is_set():
-                    raise LostLeadership("the lock connection dropped")
-                outcome = await self._apply(raw, batch, position)
-                position = outcome.position
-                applied += outcome.applied
-                dead += outcome.dead_letters
-                caught_up = batch[-1].event.pending == 0 and batches.drained
-                if self._on_progress is not None:
-                    self._on_progress(Progress(self.generation, position, applied, dead, caught_up))
-                if outcome.halted:
-                    return await self._wait_unhalted(stop)
-                if outcome.status == "building" and await try_swap(
-                    self._engine, self.projection, self.generation, caught_up=caught_up
-                ):
-                    self._log.info("swapped live", position=position)
+            ) as batches:
+                while not stop.is_set():
+                    batch = await batches.next()
+                    if not batch:
+                        if connection is not None:
+                            await connection.close()
+                            connection = None
+                        continue
+                    if held.lost.is_set():
+                        raise LostLeadership("the lock connection dropped")
+                    if connection is None:
+                        connection = await self._engine.connect()
+                    raw = await driver_connection(connection)
+                    outcome = await self._apply(raw, batch, position)
+                    position = outcome.position
+                    applied += outcome.applied
+                    dead += outcome.dead_letters
+                    caught_up = batch[-1].event.pending == 0 and batches.drained
+                    if self._on_progress is not None:
+                        self._on_progress(
+                            Progress(self.generation, position, applied, dead, caught_up)
+                        )
+                    if outcome.halted:
+                        await connection.close()
+                        connection = None
+                        return await self._wait_unhalted(stop)
+                    if outcome.status == "building" and await try_swap(
+                        self._engine, self.projection, self.generation, caught_up=caught_up
+                    ):
+                        self._log.info("swapped live", position=position)
+        finally:
+            if connection is not None:
+                await connection.close()
         return False
 
     async def _state(self) -> Generation | None:
