@@ -151,43 +151,13 @@ class SessionsProjection(Projection):
     def received(recorded: RecordedEvent) -> tuple[Write, ...]:
         event = recorded.event
         assert type(event) is MessageReceived
-        ref, at, position = recorded.ref, recorded.time, recorded.position
-        return (
-            INSERT_MESSAGE.row(
-                ref.workspace,
-                ref.id,
-                position,
-                event.message_id,
-                "in",
-                event.author,
-                event.text,
-                at,
-                event.external_id,
-                None,
-            ),
-            COUNT_MESSAGE.row(ref.workspace, ref.id, at, position, 1),
-        )
+        return _message_rows(recorded, event, "in", event.external_id, None)
 
     @staticmethod
     def sent(recorded: RecordedEvent) -> tuple[Write, ...]:
         event = recorded.event
         assert type(event) is MessageSent
-        ref, at, position = recorded.ref, recorded.time, recorded.position
-        return (
-            INSERT_MESSAGE.row(
-                ref.workspace,
-                ref.id,
-                position,
-                event.message_id,
-                "out",
-                event.author,
-                event.text,
-                at,
-                None,
-                event.run_id,
-            ),
-            COUNT_MESSAGE.row(ref.workspace, ref.id, at, position, 1),
-        )
+        return _message_rows(recorded, event, "out", None, event.run_id)
 
     @staticmethod
     def forgotten(recorded: RecordedEvent) -> tuple[Write, ...]:
@@ -195,3 +165,29 @@ class SessionsProjection(Projection):
         event = recorded.event
         assert type(event) is SubjectForgotten
         return (ERASE_SUBJECT.row(recorded.ref.workspace, event.subject, recorded.position),)
+
+
+def _message_rows(
+    recorded: RecordedEvent,
+    event: MessageReceived | MessageSent,
+    direction: str,
+    external_id: str | None,
+    run_id: str | None,
+) -> tuple[Write, ...]:
+    """A message's row, and its session's count moved by one."""
+    ref, at, position = recorded.ref, recorded.time, recorded.position
+    return (
+        INSERT_MESSAGE.row(
+            ref.workspace,
+            ref.id,
+            position,
+            event.message_id,
+            direction,
+            event.author,
+            event.text,
+            at,
+            external_id,
+            run_id,
+        ),
+        COUNT_MESSAGE.row(ref.workspace, ref.id, at, position, 1),
+    )
