@@ -46,6 +46,8 @@ async def caller(request: Request) -> Principal:
 
 Caller = Annotated[Principal, Depends(caller)]
 WorkspaceId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+Id = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+"""A session, run or approval id in a path (what a subject token may hold)."""
 
 
 @dataclass(frozen=True, slots=True)

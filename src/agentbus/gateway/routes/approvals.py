@@ -30,7 +30,7 @@ from agentbus.domain.approval_link import LinkClaims, LinkMismatch, sign_link, v
 from agentbus.domain.handling import Handled, load
 from agentbus.events.approval import MAX_RULES, ApprovalRule, Decision
 from agentbus.events.envelope import EventContext
-from agentbus.gateway.deps import Admin, Caller, MinPosition, PlatformDep, Reader, Writer
+from agentbus.gateway.deps import Admin, Caller, Id, MinPosition, PlatformDep, Reader, Writer
 from agentbus.gateway.problems import PROBLEM_JSON, problem_responses
 from agentbus.gateway.routes.admin import context, require_system
 from agentbus.queries.approvals import ApprovalRow, get_approval, list_approvals
@@ -39,7 +39,6 @@ from agentbus.runtime.link_keys import link_keys, rotate_link_key
 router = APIRouter(prefix="/v1")
 
 _STRICT = ConfigDict(extra="forbid")
-ApprovalId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Token = Annotated[str, Path(min_length=1, max_length=2048, description="the signed link token")]
 MAX_LINK_LIFETIME = timedelta(days=7)
 _GONE: dict[int | str, dict[str, Any]] = {
@@ -151,7 +150,7 @@ async def approvals(
     responses=READ,
 )
 async def approval(
-    aid: ApprovalId,
+    aid: Id,
     platform: PlatformDep,
     access: Reader,
     min_position: MinPosition = None,
@@ -169,9 +168,7 @@ async def approval(
     summary="Grant or deny a pending approval (the first decision wins)",
     responses=COMMAND,
 )
-async def decide(
-    aid: ApprovalId, body: DecisionIn, platform: PlatformDep, access: Writer
-) -> DecisionOut:
+async def decide(aid: Id, body: DecisionIn, platform: PlatformDep, access: Writer) -> DecisionOut:
     done = await decide_approval(
         platform.store,
         access.workspace,
@@ -220,9 +217,7 @@ class LinkOut(BaseModel):
     summary="Mint a signed, single-use link that makes one decision",
     responses=COMMAND,
 )
-async def mint_link(
-    aid: ApprovalId, body: LinkIn, platform: PlatformDep, access: Writer
-) -> LinkOut:
+async def mint_link(aid: Id, body: LinkIn, platform: PlatformDep, access: Writer) -> LinkOut:
     state, _ = await load(platform.store, APPROVAL, approval_ref(access.workspace, aid))
     if state.status == "new":
         raise ApprovalNotFound(f"approval {aid} not found")

@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentbus.domain.budget import ensure_can_start
@@ -29,6 +29,7 @@ from agentbus.events.subjects import AggregateRef
 from agentbus.gateway.auth import NotVisible
 from agentbus.gateway.deps import (
     Access,
+    Id,
     MinPosition,
     PlatformDep,
     Reader,
@@ -56,7 +57,6 @@ router = APIRouter(
 COMMAND = problem_responses(403, 409, 413)
 
 _STRICT = ConfigDict(extra="forbid")
-Id = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Limit = Annotated[int, Query(ge=1, le=200, description="page size (at most 200)")]
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1d2a8e-3c59-4a3e-9d7b-1b2c3d4e5f60")
 

@@ -12,10 +12,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Header, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Header, Query, Request
 
 from agentbus.gateway.cursors import MAX_LENGTH
-from agentbus.gateway.deps import Auditor, PlatformDep, Reader
+from agentbus.gateway.deps import Auditor, Id, PlatformDep, Reader
 from agentbus.gateway.problems import problem_responses
 from agentbus.gateway.sse import (
     Bridge,
@@ -47,7 +47,6 @@ router = APIRouter(
     lifespan=lifespan,
 )
 
-Id = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 LastEventIdHeader = Annotated[
     str | None,
     Header(
