@@ -11,11 +11,13 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError, NotFoundError
+from sqlalchemy import text as sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentbus.audit.erasure import BUCKET, KEYS_STREAM, Sealer, forget
@@ -394,7 +396,10 @@ async def test_a_raw_event_forwarded_as_json_is_opened_as_the_sse_bridge_does(
     page = await second_process.read_page(after=0, subject=f"evt.{workspace}.session.s1.*")
     envelopes = [orjson.loads(raw.data) for raw in page]
     assert envelopes[1]["data"]["text"].startswith("sealed:v1:")
-    assert [second_process.open_sealed(e) for e in envelopes] == [False, True]
+    opened = [
+        await second_process.open_sealed(e, r.data) for e, r in zip(envelopes, page, strict=True)
+    ]
+    assert opened == [False, True]
     assert envelopes[1]["data"]["text"] == "hej"
 
 
@@ -430,6 +435,80 @@ async def test_a_key_never_loaded_is_loaded_after_a_retryable_miss(
     finally:
         await fresh.close()
         await other.close()
+
+
+async def test_the_key_cache_is_bounded_and_every_read_path_reloads_what_it_let_go(
+    sealed: EventStore, nc: NATS, engine: AsyncEngine, workspace: str
+) -> None:
+    """A process keeps at most `cached_keys` keys (and as many ids of destroyed ones). A key
+    pushed out between a read loading it and the event being decoded or forwarded is loaded
+    again: no read path fails, skips or dead-letters an event for it."""
+    authors = [f"p{n}" for n in range(12)]
+    session = AggregateRef(workspace, "session", "s1")
+    await sealed.append(session, [SessionOpened(channel="web")], expect=NO_EVENTS)
+    expected = {}
+    for round_ in range(3):  # authors alternate: each event needs another key than the last
+        for author in authors:
+            message = MessageReceived(
+                message_id=f"{author}-{round_}", author=author, text=f"{author} says {round_}"
+            )
+            last = await sealed.append(session, [message])
+            expected[message.message_id] = message.text
+
+    def texts(events: list[Any]) -> dict[str, str]:
+        return {e.message_id: e.text for e in events if isinstance(e, MessageReceived)}
+
+    tiny = await Sealer.open(nc, REGISTRY, cached_keys=2)
+    try:
+        store = EventStore(nc, REGISTRY, timeout=5.0, sealer=tiny)
+        reloads = 0
+        prepare = store.prepare
+
+        async def counted(raw: RawEvent) -> None:  # how the projection runtime loads again
+            nonlocal reloads
+            reloads += 1
+            await prepare(raw)
+
+        store.prepare = counted  # type: ignore[method-assign]
+        history = await store.load(session)
+        assert texts([e.event for e in history.events]) == expected
+        replayed = [e.event async for e in store.read(subjects=[session.filter])]
+        assert texts(replayed) == expected
+        page = await store.read_page(after=0, subject=session.filter)
+        envelopes = [orjson.loads(raw.data) for raw in page]
+        assert [
+            await store.open_sealed(e, raw.data) for e, raw in zip(envelopes, page, strict=True)
+        ] == [
+            False,
+            *[True] * len(expected),
+        ]
+        assert {e["data"]["message_id"]: e["data"]["text"] for e in envelopes[1:]} == expected
+        assert tiny.cached_keys <= 2
+
+        # The projection runtime, reading 36 events whose keys keep leaving a cache of 2.
+        async with projecting(store, engine):
+            await wait_for_position(engine, "sessions", last.last_position, timeout=30)
+        assert reloads > 0, "no key was pushed out between load and decode: nothing tested"
+        _, rows = await table_rows(engine, workspace)
+        assert {r[3]: r[6] for r in rows} == expected
+        async with engine.connect() as connection:
+            dead = await connection.execute(
+                sql("SELECT count(*) FROM dead_letters WHERE subject LIKE :s"),
+                {"s": f"evt.{workspace}.%"},
+            )
+            assert dead.scalar_one() == 0
+
+        # Forgotten keys: their ids are bounded too, and each still reads [erased].
+        for author in authors[:6]:
+            await forget(sealed, sealed.sealer, workspace, author, by="dpo", settle=0)  # type: ignore[arg-type]
+        gone = {k: ERASED if k.split("-")[0] in authors[:6] else v for k, v in expected.items()}
+        for _ in range(2):
+            replayed = [e.event async for e in store.read(subjects=[session.filter])]
+            assert texts(replayed) == gone
+        assert len(tiny._keys) <= 4  # 2 keys + 2 ids of destroyed keys
+        assert tiny.cached_keys <= 2
+    finally:
+        await tiny.close()
 
 
 async def test_an_auto_replied_message_is_sealed_wherever_it_is_copied(

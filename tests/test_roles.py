@@ -73,3 +73,20 @@ async def test_the_gateway_role_serves_http_with_httptools(
         stop.set()
         await task
         await platform.close()
+
+
+async def test_the_platform_bounds_its_key_cache_by_the_setting(
+    nc: NATS, streams_ready: None, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = nc.connected_url
+    assert url is not None
+    monkeypatch.setenv("AGENTBUS_SUBJECT_KEY_CACHE", "2048")
+    platform = await Platform.connect(Settings(), url.geturl(), database_url)
+    try:
+        assert platform.store.sealer is not None
+        assert platform.store.sealer._max == 2048
+    finally:
+        await platform.close()
+    monkeypatch.setenv("AGENTBUS_SUBJECT_KEY_CACHE", "100")
+    with pytest.raises(ValueError, match="subject_key_cache"):
+        Settings()

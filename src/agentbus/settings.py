@@ -40,6 +40,10 @@ class AgentConfig(BaseModel):
     )
 
 
+SUBJECT_KEY_CACHE = 10_000
+"""Default of `Settings.subject_key_cache` (docs/erasure.md)."""
+
+
 class Settings(BaseSettings):
     """Every knob of agentbus, from `AGENTBUS_*` environment variables.
 
@@ -105,6 +109,12 @@ class Settings(BaseSettings):
     )
     sse_buffer_bytes: int = Field(
         default=1024 * 1024, ge=4096, description="The same bound in bytes of event data."
+    )
+    subject_key_cache: int = Field(
+        default=SUBJECT_KEY_CACHE,
+        ge=1024,
+        description="Data subjects' keys a process keeps in memory (about 3 KB each), least "
+        "recently used pushed out first and read from the key bucket again when next needed.",
     )
     redaction_national_ids: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_NATIONAL_IDS),

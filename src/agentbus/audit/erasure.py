@@ -6,10 +6,12 @@ needs it first). Forgetting a subject overwrites its key's message on disk (JetS
 message delete), purges the key (the purge marker tells every process's watcher at once), then
 appends `SubjectForgotten` so read models drop what they copied.
 
-Every process keeps the keys it has used in memory. A watcher on the bucket drops a forgotten
-key from the cache as soon as the purge is stored (measured in docs/erasure.md); as a backstop,
-a cached key older than `recheck` seconds is read from the bucket again before the event store
-uses it on its async paths (append, load, read, get, pages).
+Every process keeps the keys it used last in memory, at most `cached_keys` of them (each costs
+about 3 KB once used: the cipher's context); a key pushed out is read from the bucket again when
+next needed. A watcher on the bucket drops a forgotten key from the cache as soon as the purge is
+stored (measured in docs/erasure.md); as a backstop, a cached key older than `recheck` seconds is
+read from the bucket again before the event store uses it on its async paths (append, load,
+read, get, pages).
 
 The pure part (the sealed format, AES-GCM, which fields) is `agentbus.audit.sealing`.
 """
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,12 +51,16 @@ from agentbus.events.envelope import CloudEvent, EventContext
 from agentbus.events.privacy import Personal, SubjectForgotten, personal_types, subject_digest
 from agentbus.events.registry import DomainEvent, EventRegistry
 from agentbus.events.subjects import AggregateRef
+from agentbus.settings import SUBJECT_KEY_CACHE
 from agentbus.store.eventstore import EventStore
 
 BUCKET: Final = "agentbus_subject_keys"
 KEYS_STREAM: Final = f"KV_{BUCKET}"
 DEFAULT_RECHECK: Final = 60.0
 """Seconds a cached key is used on the async paths before it is read from the bucket again."""
+DEFAULT_CACHED_KEYS: Final = SUBJECT_KEY_CACHE
+"""Subjects' keys a process keeps in memory (least recently used pushed out first), and as many
+ids of keys it knows were destroyed (`AGENTBUS_SUBJECT_KEY_CACHE`)."""
 DEFAULT_SETTLE: Final = 1.0
 """Seconds `forget` waits between destroying a key and appending `SubjectForgotten`, so that
 every process's watcher has dropped the key (measured: milliseconds; docs/erasure.md)."""
@@ -70,6 +77,13 @@ class _Cached:
     loaded_at: float
 
 
+@dataclass(slots=True)
+class _Reading:
+    """A read of a subject's key in flight: told when the subject is forgotten meanwhile."""
+
+    purged: bool = False
+
+
 class Sealer:
     """Seals personal fields at append and opens them at read, for one process.
 
@@ -83,24 +97,31 @@ class Sealer:
         *,
         recheck: float = DEFAULT_RECHECK,
         timeout: float = 5.0,
+        cached_keys: int = DEFAULT_CACHED_KEYS,
     ) -> None:
+        if cached_keys < 1:
+            raise ValueError(f"a sealer caches at least one key, got cached_keys={cached_keys}")
         self._nc = nc
         self._js = nc.jetstream(timeout=timeout)
         self._timeout = timeout
         self._recheck = recheck
+        self._max = cached_keys
         self.personal: dict[str, Personal] = personal_types(registry.models)
         """Type string -> its personal fields: the only types the store seals or opens."""
         self._by_model = {registry.model_for(t): p for t, p in self.personal.items()}
         self._kv: KeyValue | None = None
         self._watcher: Subscription | None = None
-        self._by_digest: dict[str, _Cached] = {}
-        self._digests: dict[tuple[str, str], str] = {}  # (workspace, subject) -> its digest
+        self._by_digest: OrderedDict[str, _Cached] = OrderedDict()
+        """Digest -> its subject's key, least recently used first (at most `_max`)."""
         self._keys: dict[str, SubjectKey | None] = {}
-        """Key id -> its key, or None: destroyed. What `open_data` reads."""
+        """Key id -> its key, or None: destroyed. What `open_data` reads: the keys of
+        `_by_digest` and the ids of `_destroyed`; an id in neither is loaded when needed."""
         self._digest_of: dict[str, str] = {}
-        self._changes = 0
-        self._purged: dict[str, int] = {}
-        """Digest -> the change number of its last purge seen by the watcher."""
+        """Key id -> its digest, for the keys of `_by_digest`."""
+        self._destroyed: OrderedDict[str, None] = OrderedDict()
+        """Ids of keys known destroyed, oldest first (at most `_max`)."""
+        self._reading: dict[str, list[_Reading]] = {}
+        """Digest -> the reads of its key in flight."""
         self._loading: dict[str, asyncio.Task[SubjectKey | None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -112,9 +133,10 @@ class Sealer:
         *,
         recheck: float = DEFAULT_RECHECK,
         timeout: float = 5.0,
+        cached_keys: int = DEFAULT_CACHED_KEYS,
     ) -> Sealer:
         """A sealer whose bucket exists (created if needed) and whose watcher runs."""
-        sealer = cls(nc, registry, recheck=recheck, timeout=timeout)
+        sealer = cls(nc, registry, recheck=recheck, timeout=timeout, cached_keys=cached_keys)
         await sealer.start()
         return sealer
 
@@ -184,19 +206,20 @@ class Sealer:
             return None
         plan: list[tuple[Personal, SubjectKey] | None] = [None] * len(events)
         for index, personal, subject in found:
-            cached = self._by_digest[self._digests[(ref.workspace, subject)]]
+            digest = _digest(ref.workspace, subject)
+            cached = self._by_digest[digest]
             if time.monotonic() - cached.loaded_at >= self._recheck:
                 raise KeyError(subject)
+            self._by_digest.move_to_end(digest)
             plan[index] = (personal, cached.key)
         return plan
 
     async def key_for(self, workspace: str, subject: str) -> SubjectKey:
         """The subject's key, created (race-safely: one wins, all use it) on first use."""
-        digest = self._digests.get((workspace, subject))
-        if digest is None:
-            digest = self._digests[(workspace, subject)] = subject_digest(workspace, subject)
+        digest = _digest(workspace, subject)
         cached = self._by_digest.get(digest)
         if cached is not None and time.monotonic() - cached.loaded_at < self._recheck:
+            self._by_digest.move_to_end(digest)
             return cached.key
         for _ in range(3):
             key = await self._load(digest, create=True)
@@ -216,12 +239,13 @@ class Sealer:
             key_id = found.decode()
             if key_id not in self._keys:
                 return False
-            key = self._keys[key_id]
-            if key is None:
+            if self._keys[key_id] is None:
                 continue  # destroyed
-            cached = self._by_digest.get(self._digest_of[key.key_id])
-            if cached is None or now - cached.loaded_at >= self._recheck:
+            digest = self._digest_of[key_id]
+            cached = self._by_digest[digest]
+            if now - cached.loaded_at >= self._recheck:
                 return False
+            self._by_digest.move_to_end(digest)
         return True
 
     async def prepare(self, payload: bytes) -> None:
@@ -235,8 +259,9 @@ class Sealer:
             if key_id in self._keys:
                 if self._keys[key_id] is None:
                     continue  # destroyed
-                cached = self._by_digest.get(self._digest_of[key_id])
-                if cached is not None and now - cached.loaded_at < self._recheck:
+                cached = self._digest_of[key_id]
+                if now - self._by_digest[cached].loaded_at < self._recheck:
+                    self._by_digest.move_to_end(cached)
                     continue
             digest = _digest_of_payload(payload, self.personal)
             if digest is None:
@@ -286,12 +311,12 @@ class Sealer:
     # ------------------------------------------------------------------ internals
 
     async def _resolve(self, key_id: str, digest: str) -> None:
-        await self._load(digest, create=False)
-        if key_id not in self._keys:
+        key = await self._load(digest, create=False)
+        if key is None or key.key_id != key_id:
             # The bucket's key for this subject is another one (or none): this one is gone.
             # Sound because a key is only ever replaced after its purge, and every event is
             # appended after its key was stored (and the bucket is read from its leader).
-            self._keys[key_id] = None
+            self._mark_destroyed(key_id)
 
     async def _resolve_all(self, personal: Personal, data: dict[str, Any], digest: str) -> None:
         try:
@@ -320,7 +345,19 @@ class Sealer:
             del self._loading[digest]
 
     async def _read_key(self, digest: str, *, create: bool) -> SubjectKey | None:
-        mark = self._changes
+        reading = _Reading()
+        self._reading.setdefault(digest, []).append(reading)
+        try:
+            return await self._read_key_watched(digest, reading, create=create)
+        finally:
+            readings = self._reading[digest]
+            readings.remove(reading)
+            if not readings:
+                del self._reading[digest]
+
+    async def _read_key_watched(
+        self, digest: str, reading: _Reading, *, create: bool
+    ) -> SubjectKey | None:
         stored = await self._stored(digest)
         if (stored is None or stored.key is None) and create:
             assert self._kv is not None
@@ -331,7 +368,7 @@ class Sealer:
             except _TRANSPORT_ERRORS as exc:
                 raise StoreUnavailable("creating a subject key did not answer") from exc
             stored = await self._stored(digest)
-        if self._purged.get(digest, -1) > mark:
+        if reading.purged:
             return None  # forgotten while this was reading: the caller decides what next
         if stored is None or stored.key is None:
             self._drop(digest)
@@ -355,24 +392,39 @@ class Sealer:
         return _Stored(SubjectKey.from_stored(msg.data), msg.seq or 0, None)
 
     def _remember(self, digest: str, key: SubjectKey) -> None:
-        old = self._by_digest.get(digest)
+        old = self._by_digest.pop(digest, None)
         if old is not None and old.key.key_id != key.key_id:
-            self._keys[old.key.key_id] = None
+            self._mark_destroyed(old.key.key_id)
         self._by_digest[digest] = _Cached(key, time.monotonic())
         self._keys[key.key_id] = key
         self._digest_of[key.key_id] = digest
+        while len(self._by_digest) > self._max:  # pushed out: read again when next needed
+            _, pushed = self._by_digest.popitem(last=False)
+            del self._keys[pushed.key.key_id], self._digest_of[pushed.key.key_id]
 
     def _drop(self, digest: str) -> None:
         old = self._by_digest.pop(digest, None)
         if old is not None:
-            self._keys[old.key.key_id] = None
+            self._mark_destroyed(old.key.key_id)
+
+    def _mark_destroyed(self, key_id: str) -> None:
+        digest = self._digest_of.pop(key_id, None)
+        if digest is not None:  # the subject's cached key until now
+            self._by_digest.pop(digest, None)
+        self._keys[key_id] = None
+        self._destroyed[key_id] = None
+        self._destroyed.move_to_end(key_id)
+        while len(self._destroyed) > self._max:
+            oldest, _ = self._destroyed.popitem(last=False)
+            if self._keys.get(oldest, False) is None:
+                del self._keys[oldest]
 
     async def _on_change(self, msg: Msg) -> None:
         digest = msg.subject.rpartition(".")[2]
-        self._changes += 1
         headers = msg.headers or {}
         if headers.get(_KV_OP) or headers.get(_MARKER):
-            self._purged[digest] = self._changes
+            for reading in self._reading.get(digest, ()):
+                reading.purged = True
             self._drop(digest)
             return
         try:
@@ -408,6 +460,12 @@ class ForgetStep:
     """The id of the key destroyed now (None: there was none)."""
     purged_at: datetime | None
     """When the key had been destroyed before (None: never, or just now)."""
+
+
+@functools.lru_cache(maxsize=DEFAULT_CACHED_KEYS)
+def _digest(workspace: str, subject: str) -> str:
+    """`subject_digest`, remembered for the subjects used last (a SHA-256 per append saved)."""
+    return subject_digest(workspace, subject)
 
 
 def _digest_of_payload(payload: bytes, personal: dict[str, Personal]) -> str | None:
@@ -514,8 +572,14 @@ async def forget(
     return Forgotten(outcome, step.destroyed, result.last_position)
 
 
-async def open_sealed_store(nc: NATS, registry: EventRegistry, *, timeout: float) -> EventStore:
+async def open_sealed_store(
+    nc: NATS,
+    registry: EventRegistry,
+    *,
+    timeout: float,
+    cached_keys: int = DEFAULT_CACHED_KEYS,
+) -> EventStore:
     """The event store as agentbus's roles and commands use it: personal fields sealed at
     append and opened at read (the key bucket is created if needed)."""
-    sealer = await Sealer.open(nc, registry, timeout=timeout)
+    sealer = await Sealer.open(nc, registry, timeout=timeout, cached_keys=cached_keys)
     return EventStore(nc, registry, timeout=timeout, sealer=sealer)

@@ -336,7 +336,12 @@ async def _forget(
 
     nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
     try:
-        store = await open_sealed_store(nc, default_registry(), timeout=settings.store_timeout)
+        store = await open_sealed_store(
+            nc,
+            default_registry(),
+            timeout=settings.store_timeout,
+            cached_keys=settings.subject_key_cache,
+        )
         assert store.sealer is not None
         return await forget(
             store, store.sealer, workspace, subject, by=by, reason=reason, settle=settle

@@ -199,7 +199,12 @@ async def _chat(
 
     session = AggregateRef(workspace, "session", session_id)
     nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
-    store = await open_sealed_store(nc, default_registry(), timeout=settings.store_timeout)
+    store = await open_sealed_store(
+        nc,
+        default_registry(),
+        timeout=settings.store_timeout,
+        cached_keys=settings.subject_key_cache,
+    )
     try:
         lines = [message] if message is not None else None
         while True:
@@ -735,7 +740,12 @@ def _admin(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
 
         nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
         try:
-            store = await open_sealed_store(nc, default_registry(), timeout=settings.store_timeout)
+            store = await open_sealed_store(
+                nc,
+                default_registry(),
+                timeout=settings.store_timeout,
+                cached_keys=settings.subject_key_cache,
+            )
             return await work(store)
         finally:
             await nc.close()

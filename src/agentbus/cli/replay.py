@@ -232,7 +232,12 @@ async def _export(
     nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
     try:
         # Sealed personal fields opened, or [erased] once forgotten (docs/erasure.md).
-        store = await open_sealed_store(nc, default_registry(), timeout=settings.store_timeout)
+        store = await open_sealed_store(
+            nc,
+            default_registry(),
+            timeout=settings.store_timeout,
+            cached_keys=settings.subject_key_cache,
+        )
         replay = export.replay = await Replay.start(store, replay_filter, after=after, limit=limit)
         flushed = time.monotonic()
         with _progress(replay, export, show_progress) as tick:

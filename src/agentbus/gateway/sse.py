@@ -783,7 +783,7 @@ class Connection:
         source.position = raw.position
         data = raw.data
         try:  # sealed personal fields go out opened (docs/erasure.md)
-            if source.store.open_sealed(envelope):
+            if await source.store.open_sealed(envelope, raw.data):
                 data = orjson.dumps(envelope)
         except AgentbusError as exc:
             log.warning("sse sent an event sealed", position=raw.position, error=str(exc))

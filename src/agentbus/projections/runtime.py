@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from agentbus.db.engine import driver_connection
 from agentbus.db.leadership import Leadership, leadership, sleep_or_stop
-from agentbus.errors import AgentbusError
+from agentbus.errors import AgentbusError, SubjectKeyUnavailable
 from agentbus.projections.generations import (
     Generation,
     ensure_generations,
@@ -149,7 +149,7 @@ class ProjectionWorker:
                     if connection is None:
                         connection = await self._engine.connect()
                     raw = await driver_connection(connection)
-                    outcome = await self._apply(raw, batch, position)
+                    outcome = await self._apply(raw, await self._keyed(batch), position)
                     position = outcome.position
                     applied += outcome.applied
                     dead += outcome.dead_letters
@@ -238,8 +238,24 @@ class ProjectionWorker:
             if handler is None:
                 return Prepared(raw_event, ())
             return Prepared(raw_event, tuple(handler(recorded)))
+        except SubjectKeyUnavailable:
+            return Prepared(raw_event, (), unkeyed=True)
         except Exception as exc:  # a handler's bug must not stop the others
             return Prepared(raw_event, (), f"{type(exc).__name__}: {exc}")
+
+    async def _keyed(self, batch: Sequence[Prepared]) -> Sequence[Prepared]:
+        """`batch`, with the events whose key was pushed out of the process's key cache
+        between the reader loading it and decoding the event prepared again (rare: only when
+        the cache's bound of keys were used in between; docs/erasure.md)."""
+        if not any(p.unkeyed for p in batch):
+            return batch
+        again = []
+        for prepared in batch:
+            if prepared.unkeyed:
+                await self._store.prepare(prepared.event)
+                prepared = self._prepare(prepared.event)  # at once: nothing pushes it out now
+            again.append(prepared)
+        return again
 
     async def _execute_writes(self, raw: asyncpg.Connection, writes: Sequence[Write]) -> None:
         await execute_writes(raw, self.projection, self._sql, writes)
@@ -310,6 +326,8 @@ class Prepared:
     event: RawEvent
     writes: tuple[Write, ...]
     error: str | None = None
+    unkeyed: bool = False
+    """Its sealed fields' key was not in the key cache when it was decoded: prepare again."""
 
 
 def _cut_before(

@@ -41,7 +41,12 @@ class Platform:
             raise StoreUnavailable(f"cannot reach Postgres: {exc}") from exc
         try:
             # Sealing is always on: forgetting a subject must cover every event (erasure.md).
-            store = await open_sealed_store(nc, default_registry(), timeout=settings.store_timeout)
+            store = await open_sealed_store(
+                nc,
+                default_registry(),
+                timeout=settings.store_timeout,
+                cached_keys=settings.subject_key_cache,
+            )
         except StoreUnavailable:
             await nc.close()
             await engine.dispose()

@@ -35,7 +35,12 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from agentbus.audit.sealing import SEALED_MARK, SubjectKey, seal_data
-from agentbus.errors import ConcurrencyConflict, InvalidEvent, StoreUnavailable
+from agentbus.errors import (
+    ConcurrencyConflict,
+    InvalidEvent,
+    StoreUnavailable,
+    SubjectKeyUnavailable,
+)
 from agentbus.events.envelope import CloudEvent, EventContext, utcnow, uuid7
 from agentbus.events.privacy import Personal
 from agentbus.events.registry import DomainEvent, EventRegistry
@@ -419,7 +424,12 @@ class EventStore:
         async for raw in self.read_raw(
             from_position=from_position, subjects=subjects, to_position=to_position, follow=follow
         ):
-            yield self.decode(raw)
+            try:
+                recorded = self.decode(raw)
+            except SubjectKeyUnavailable:  # its key left the key cache since the read loaded it
+                await self.prepare(raw)
+                recorded = self.decode(raw)
+            yield recorded
 
     async def read_raw(
         self,
@@ -611,14 +621,19 @@ class EventStore:
         """Load the keys `decode(raw)` will need (nothing to do without sealed fields)."""
         await self._load_keys(raw.data)
 
-    def open_sealed(self, envelope: dict[str, Any]) -> bool:
-        """Open the sealed personal fields of a CloudEvent parsed as plain JSON, in place (for
-        code that forwards raw events, as the SSE bridge does). True when it changed."""
+    async def open_sealed(self, envelope: dict[str, Any], payload: bytes) -> bool:
+        """Open the sealed personal fields of a CloudEvent parsed as plain JSON from `payload`,
+        in place (for code that forwards raw events, as the SSE bridge does). True when it
+        changed."""
         sealer = self._sealer
         if sealer is None or envelope.get("type") not in sealer.personal:
             return False
         event = CloudEvent.model_validate(envelope)
-        sealer.open_envelope(event)
+        try:
+            sealer.open_envelope(event)
+        except SubjectKeyUnavailable:  # not loaded, or its key left the key cache since
+            await sealer.prepare(payload)
+            sealer.open_envelope(event)
         envelope["data"] = event.data
         return True
 
