@@ -37,6 +37,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from agentbus.audit.erasure import open_sealed_store
 from agentbus.cli.admin import bootstrap
 from agentbus.db.engine import create_engine
 from agentbus.db.migrations import upgrade
@@ -47,7 +48,6 @@ from agentbus.projections.runtime import Projector, RuntimeOptions
 from agentbus.runtime.embedded import EmbeddedNats, EmbeddedPostgres
 from agentbus.runtime.platform import Platform
 from agentbus.settings import AgentConfig, Settings
-from agentbus.store import EventStore
 from agentbus.workers.autoreply import AutoReply
 from agentbus.workers.runs import RunWorker
 from tests.conftest import apply_project_streams, connect
@@ -116,7 +116,7 @@ class _Gateway:
         database_url = await self._create_database()
         nc = await connect(self._nats_url)
         await apply_project_streams(nc)
-        store = EventStore(nc, default_registry(), timeout=5.0)
+        store = await open_sealed_store(nc, default_registry(), timeout=5.0)  # as the platform's
         await upgrade(database_url)
         engine = create_engine(database_url)
         platform = Platform(
@@ -159,6 +159,8 @@ class _Gateway:
             stop.set()
             await asyncio.gather(*tasks)
             await engine.dispose()
+            if store.sealer is not None:
+                await store.sealer.close()
             await nc.close()
             await self._admin(f'DROP DATABASE IF EXISTS "{self._database}" WITH (FORCE)')
 

@@ -13,10 +13,12 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentbus.audit.erasure import Sealer
 from agentbus.cli.admin import bootstrap
 from agentbus.db.engine import create_engine
 from agentbus.db.migrations import upgrade
 from agentbus.domain.budget import set_budget
+from agentbus.events.catalog import default_registry
 from agentbus.gateway.app import create_app
 from agentbus.projections.catalog import all_projections
 from agentbus.projections.runtime import Projector, RuntimeOptions
@@ -69,7 +71,9 @@ class Api:
 
 @pytest.fixture
 async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api]:
-    store = private_store
+    # Sealed, as the platform's store always is (docs/erasure.md).
+    sealer = await Sealer.open(private_store._nc, default_registry())
+    store = EventStore(private_store._nc, default_registry(), timeout=5.0, sealer=sealer)
     async with gateway_in_process(store, database_url, Settings(agents=AGENTS)) as gateway:
         engine = gateway.platform.engine
         stop = asyncio.Event()
@@ -83,6 +87,7 @@ async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api
             yield Api(gateway.client, gateway.system_key, store, engine)
         finally:
             await stop_tasks(stop, tasks)
+            await sealer.close()
 
 
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -353,6 +358,72 @@ async def test_other_workspaces_answer_404_and_never_data(api: Api) -> None:
     # and its events never show in this workspace's history
     history = (await api.call("GET", "/v1/workspaces/globex/events", globex)).json()
     assert all(e["workspace"] == "globex" for e in history["events"])
+
+
+async def test_forgetting_a_data_subject_over_http(api: Api) -> None:
+    """`POST .../data-subjects/forget` does what `agentbus audit forget` does: the subject's
+    sealed fields read [erased] (the read model too, from the answered position on), others
+    are untouched; admins only; repeating it says so."""
+    owner = await api.workspace("acme")
+    member = await api.key("acme", owner, "member")
+    globex = await api.workspace("globex")
+    await api.call("POST", "/v1/workspaces/acme/sessions", owner, json={"id": "s1"})
+    for author, words in (("ada", "ada's secret"), ("bob", "bob's words")):
+        posted = await api.call(
+            "POST",
+            "/v1/workspaces/acme/sessions/s1/messages",
+            owner,
+            json={"text": words, "author": author},
+        )
+        assert posted.status_code == 202, posted.text
+    path = "/v1/workspaces/acme/data-subjects/forget"
+    problem(await api.call("POST", path, member, json={"subject": "ada"}), 403)
+    problem(await api.call("POST", path, globex, json={"subject": "ada"}), 404)
+    for bad in ({"subject": ""}, {"subject": "ada", "by": "me"}, {}, {"subject": "x" * 201}):
+        problem(await api.call("POST", path, owner, json=bad), 422)
+
+    done = await api.call("POST", path, owner, json={"subject": "ada", "reason": "art. 17"})
+    assert done.status_code == 200, done.text
+    answer = done.json()
+    assert answer["outcome"] == "destroyed"
+    assert len(answer["key_id"]) == 16
+    listed = await api.call(
+        "GET",
+        f"/v1/workspaces/acme/sessions/s1/messages?min_position={answer['position']}",
+        owner,
+    )
+    assert [(m["author"], m["text"]) for m in listed.json()] == [
+        ("ada", "[erased]"),
+        ("bob", "bob's words"),
+    ]
+    history = (await api.call("GET", "/v1/workspaces/acme/events", owner)).json()["events"]
+    recorded = [e for e in history if e["type"].endswith("subject_forgotten.v1")]
+    assert [(e["data"]["subject"], e["data"]["reason"], e["actor"]) for e in recorded] == [
+        ("ada", "art. 17", f"apikey:{owner.split('_')[1]}")
+    ]
+
+    again = (await api.call("POST", path, owner, json={"subject": "ada"})).json()
+    assert (again["outcome"], again["position"]) == ("already_forgotten", None)
+    assert again["forgotten_at"] is not None
+    nobody = (await api.call("POST", path, owner, json={"subject": "nobody"})).json()
+    assert nobody["outcome"] == "unknown"
+
+    # A user's own data (their display name, in `_system`): system keys only.
+    created = await api.call(
+        "POST",
+        "/v1/users",
+        api.system,
+        json={"id": "lou", "display_name": "Lou Lastname", "password": "s3cret-pw"},
+    )
+    assert created.status_code == 202
+    problem(await api.call("POST", "/v1/users/lou/forget", owner), 403)
+    problem(await api.call("POST", "/v1/users/Bad!/forget", api.system), 422)
+    user = await api.call("POST", "/v1/users/lou/forget", api.system, json={"reason": "left"})
+    assert user.status_code == 200, user.text
+    assert user.json()["outcome"] == "destroyed"
+    assert (await api.call("POST", "/v1/users/lou/forget", api.system)).json()[
+        "outcome"
+    ] == "already_forgotten"
 
 
 async def test_row_level_security_hides_other_workspaces(api: Api) -> None:

@@ -22,6 +22,7 @@ from agentbus.gateway.routes import (
     approvals,
     budget,
     conversations,
+    erasure,
     history,
     streams,
     webchat,
@@ -73,6 +74,7 @@ def create_app(
         app.add_middleware(FastIngest)  # inside BodyLimit: see gateway/ingest.py
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     install_problem_handlers(app)
+    app.include_router(erasure.router)  # before admin's `/users/{user_id}/{action}`
     app.include_router(admin.router)
     app.include_router(conversations.router)
     app.include_router(budget.router)
