@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -16,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentbus.db.engine import create_engine
+from agentbus.db.leadership import sleep_or_stop
 from agentbus.db.migrations import upgrade
 from agentbus.errors import ProjectionTimeout
 from agentbus.events import AggregateRef
@@ -507,3 +509,29 @@ async def test_read_your_writes_waits_then_times_out_clearly(
     async with projecting(store, engine):
         session = await get_session(engine, workspace, "s1", min_position=written.last_position)
     assert session is not None
+
+
+async def test_sleep_or_stop_passes_on_a_cancellation_that_comes_with_stop() -> None:
+    """On Python 3.11, `asyncio.wait_for` returns, and drops the cancellation, when the task is
+    cancelled as the awaited event is set: a worker cancelled at that moment would go on. The
+    waits in src/ use `asyncio.timeout`, which passes it on."""
+    for yields in range(4):
+        for _ in range(25):
+            stop = asyncio.Event()
+            task = asyncio.create_task(sleep_or_stop(stop, 10))
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            stop.set()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+
+def test_the_waits_in_src_do_not_use_wait_for() -> None:
+    """For the reason above."""
+    source = Path(__file__).resolve().parent.parent / "src"
+    assert not [
+        str(path.relative_to(source))
+        for path in source.rglob("*.py")
+        if "asyncio.wait_for(" in path.read_text()
+    ]

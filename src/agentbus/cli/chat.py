@@ -99,7 +99,8 @@ async def say(
             event_ids=[message_event],
         )
         try:
-            return await asyncio.wait_for(done, timeout)
+            async with asyncio.timeout(timeout):
+                return await done
         except TimeoutError:
             raise ChatError(
                 f"no reply within {timeout:g}s: is a worker running (`agentbus up`) and is "

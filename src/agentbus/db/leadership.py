@@ -68,6 +68,9 @@ async def _watch(connection: AsyncConnection, lost: asyncio.Event, poll: float) 
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep `seconds`, or less if `stop` is set meanwhile."""
+    """Sleep `seconds`, or less if `stop` is set meanwhile. (`asyncio.timeout`, not
+    `asyncio.wait_for`: on Python 3.11 the latter drops a cancellation that arrives as the
+    event is set.)"""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()

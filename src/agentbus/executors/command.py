@@ -232,11 +232,13 @@ class _Conversation:
     async def _exited(self) -> ExecutorError:
         """The child closed its stdout without answering."""
         try:
-            code: int | None = await asyncio.wait_for(self._process.wait(), 1.0)
+            async with asyncio.timeout(1.0):
+                code: int | None = await self._process.wait()
         except TimeoutError:
             code = None
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._stderr_reader), 0.5)
+            async with asyncio.timeout(0.5):
+                await asyncio.shield(self._stderr_reader)
         if code is None:
             how = "closed its stdout without answering"
         elif code < 0:
@@ -296,13 +298,15 @@ async def _stop(process: asyncio.subprocess.Process, grace: float) -> None:
         if process.returncode is None:
             _signal_group(process.pid, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), grace)
+                async with asyncio.timeout(grace):
+                    await process.wait()
     finally:
         _signal_group(process.pid, signal.SIGKILL)
         if process.stdin is not None:
             process.stdin.close()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(process.wait(), grace)
+        async with asyncio.timeout(grace):
+            await process.wait()
 
 
 def _signal_group(group: int, signum: signal.Signals) -> None:

@@ -197,8 +197,9 @@ class ApprovalGate:
                     await asyncio.sleep(0.05)
                     state, _ = await load(self._store, APPROVAL, approval)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(left, self._recheck))
+            with contextlib.suppress(TimeoutError):  # (not wait_for: see sleep_or_stop)
+                async with asyncio.timeout(min(left, self._recheck)):
+                    await changed.wait()
             changed.clear()
             state, _ = await load(self._store, APPROVAL, approval)
         return state
