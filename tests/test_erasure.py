@@ -37,8 +37,10 @@ from agentbus.events import AggregateRef
 from agentbus.events.catalog import default_registry
 from agentbus.events.identity import SYSTEM_WORKSPACE, UserCreated
 from agentbus.events.privacy import SubjectForgotten, personal_types, subject_digest
-from agentbus.events.run import RunQueued
+from agentbus.events.run import RunQueued, RunStarted, RunSucceeded
 from agentbus.events.session import MessageReceived, MessageSent, RunAssigned, SessionOpened
+from agentbus.projections.runs import RunsProjection
+from agentbus.projections.sessions import SessionsProjection
 from agentbus.queries.consistency import wait_for_position
 from agentbus.runtime.embedded import EmbeddedNats
 from agentbus.store import NO_EVENTS, EventStore
@@ -69,6 +71,9 @@ def test_what_is_personal_is_declared_on_the_event_types() -> None:
         "agentbus.session.run_assigned.v1": (("input",), "author"),
         "agentbus.session.run_enqueued.v1": (("input",), "author"),
         "agentbus.run.queued.v1": (("input",), "author"),
+        # an agent's answer to someone, which may repeat their words
+        "agentbus.session.message_sent.v1": (("text",), "recipient"),
+        "agentbus.run.succeeded.v1": (("output",), "author"),
         "agentbus.user.created.v1": (("display_name",), None),
     }
 
@@ -140,6 +145,16 @@ async def second_process(
     await client.close()
 
 
+async def run_output(engine: AsyncEngine, workspace: str, run_id: str) -> str | None:
+    async with engine.connect() as connection:
+        found = await connection.execute(
+            sql("SELECT output FROM runs WHERE workspace = :w AND id = :r"),
+            {"w": workspace, "r": run_id},
+        )
+        output: str | None = found.scalar_one()
+        return output
+
+
 async def raw_bytes(nc: NATS, workspace: str) -> dict[int, bytes]:
     """Every stored event of the workspace, as the stream holds it (no sealer)."""
     plain = EventStore(nc, REGISTRY, timeout=5.0)
@@ -160,14 +175,24 @@ async def test_crypto_shredding_end_to_end(
     for n, text in enumerate(ada):
         await sealed.append(session, [MessageReceived(message_id=f"a{n}", author="ada", text=text)])
     await sealed.append(session, [MessageReceived(message_id="b0", author="bob", text="bob here")])
+    to_ada = "ada, your card ends in 1111"
+    answer = MessageSent(message_id="r1", author="agent", text=to_ada, recipient="ada")
+    await sealed.append(session, [answer])
     await sealed.append(
         session, [MessageSent(message_id="r0", author="agent", text="the agent's reply")]
     )
+    # A run that answered ada: its output is hers too.
+    run = AggregateRef(workspace, "run", "r-ada")
+    queued = RunQueued(agent="echo", executor="echo", input=ada[1], session_id="s1", author="ada")
+    await sealed.append(run, [queued], expect=NO_EVENTS)
+    await sealed.append(run, [RunStarted(attempt=1, worker="w1")])
+    await sealed.append(run, [RunSucceeded(attempt=1, output=to_ada, author="ada")])
 
-    # Stored sealed: not a byte of the plaintext in the stream; the reply is not personal.
+    # Stored sealed: not a byte of the plaintext in the stream, replies to ada included; a
+    # message that answers nobody in particular is not personal.
     before = await raw_bytes(nc, workspace)
     stored = b"".join(before.values())
-    assert not any(text.encode() in stored for text in [*ada, "bob here"])
+    assert not any(text.encode() in stored for text in [*ada, "bob here", to_ada])
     assert b"the agent's reply" in stored
     assert b'"author":"ada"' in stored
 
@@ -194,11 +219,20 @@ async def test_crypto_shredding_end_to_end(
     page = await sealed.read_page(after=0, subject=f"evt.{workspace}.session.s1.*")
     assert [sealed.decode(raw).event for raw in page] == [e.event for e in history.events]
 
-    # The messages read model holds the plaintext for now.
-    async with projecting(sealed, engine):
-        await wait_for_position(engine, "sessions", history.last_position, timeout=30)
+    assert (await sealed.load(session)).events[-2].event == answer
+    assert [e.event for e in (await second_process.load(run)).events][-1] == RunSucceeded(
+        attempt=1, output=to_ada, author="ada"
+    )
+
+    # The messages and runs read models hold the plaintext for now.
+    last = (await sealed.load(run)).last_position
+    both = [SessionsProjection(), RunsProjection()]
+    async with projecting(sealed, engine, both):
+        await wait_for_position(engine, "sessions", last, timeout=30)
+        await wait_for_position(engine, "runs", last, timeout=30)
     _, rows = await table_rows(engine, workspace)
-    assert sorted(r[6] for r in rows) == sorted([*ada, "bob here", "the agent's reply"])
+    assert sorted(r[6] for r in rows) == sorted([*ada, "bob here", to_ada, "the agent's reply"])
+    assert await run_output(engine, workspace, "r-ada") == to_ada
 
     # Forget ada: the other process stops opening her fields within the bound.
     key_id = await sealed.sealer.stored_key_id(workspace, "ada")  # type: ignore[union-attr]
@@ -222,7 +256,10 @@ async def test_crypto_shredding_end_to_end(
         )
         replayed = [e.event async for e in store.read(subjects=[f"evt.{workspace}.session.>"])]
         assert texts([e for e in replayed if isinstance(e, MessageReceived)]) == erased
-    assert isinstance(history.events[-1].event, MessageSent)  # replies are not personal
+        replies = {e.message_id: e.text for e in replayed if isinstance(e, MessageSent)}
+        assert replies == {"r1": ERASED, "r0": "the agent's reply"}  # r0 answers nobody
+        outputs = [e.event for e in (await store.load(run)).events]
+        assert outputs[-1] == RunSucceeded(attempt=1, output=ERASED, author="ada")
 
     # The stream is byte for byte what it was: the hash chain still verifies.
     after = await raw_bytes(nc, workspace)
@@ -243,9 +280,10 @@ async def test_crypto_shredding_end_to_end(
     assert back is not None
     assert back.event.text == "ada is back"
 
-    # The read model erased its copies; a rebuild from scratch gives the same rows.
-    async with projecting(sealed, engine):
+    # The read models erased their copies; a rebuild from scratch gives the same rows.
+    async with projecting(sealed, engine, both):
         await wait_for_position(engine, "sessions", again.last_position, timeout=30)
+        await wait_for_position(engine, "runs", again.last_position, timeout=30)
     live = await table_rows(engine, workspace)
     assert sorted((r[3], r[6]) for r in live[1]) == [
         ("a0", ERASED),
@@ -254,7 +292,9 @@ async def test_crypto_shredding_end_to_end(
         ("a3", "ada is back"),
         ("b0", "bob here"),
         ("r0", "the agent's reply"),
+        ("r1", ERASED),
     ]
+    assert await run_output(engine, workspace, "r-ada") == ERASED
     assert live == await fresh_rebuild_rows(sealed, database_url, workspace, again.last_position)
 
     # Idempotent: forgetting again changes nothing; an unknown subject has nothing to forget.
@@ -515,8 +555,8 @@ async def test_an_auto_replied_message_is_sealed_wherever_it_is_copied(
     private_store: EventStore,
 ) -> None:
     """The auto-reply path copies a message's text into the run's input (session and run
-    events): sealed with the author's key too, opened by the worker, erased by forget. The
-    agent's reply quotes it and is not personal: a documented limit."""
+    events), and the agent's answer (the run's output, the reply message) may repeat it: all
+    sealed with the author's key, opened by the worker, erased by forget."""
     nc = private_store._nc
     sealer = await Sealer.open(nc, REGISTRY)
     store = EventStore(nc, REGISTRY, timeout=5.0, sealer=sealer)
@@ -540,7 +580,7 @@ async def test_an_auto_replied_message_is_sealed_wherever_it_is_copied(
             for data in everything.values()
             if b"hello there" in data
         }
-        assert copies == {"message_sent", "succeeded"}  # the reply, not the input
+        assert copies == set()  # not the input, not the reply that repeats it
 
         done = await forget(store, sealer, "acme", "ada", by="dpo", settle=0)
         assert done.outcome == "destroyed"
@@ -550,6 +590,12 @@ async def test_an_auto_replied_message_is_sealed_wherever_it_is_copied(
             if isinstance(e.event, MessageReceived | RunAssigned | RunQueued)
         ]
         assert inputs == [ERASED, ERASED, ERASED]
+        answers = [
+            getattr(e.event, "output", None) or getattr(e.event, "text", None)
+            for e in [*(await store.load(session)).events, *(await store.load(run)).events]
+            if isinstance(e.event, MessageSent | RunSucceeded)
+        ]
+        assert answers == [ERASED, ERASED]
     finally:
         await sealer.close()
 

@@ -422,15 +422,17 @@ async def test_version_bump_rebuilds_and_queries_keep_the_old_tables_until_the_s
     async with projecting(store, engine):
         await wait_for_position(engine, "sessions", last)
 
+    current = SessionsProjection.version
+
     class SessionsV2(SessionsProjection):
-        version: ClassVar[int] = 2
+        version: ClassVar[int] = current + 1
 
     await ensure_generations(engine, [SessionsV2()])
     async with engine.connect() as connection:
         gens = await list_generations(connection, "sessions")
     assert [(g.generation, g.version, g.status) for g in gens] == [
-        (1, 1, "live"),
-        (2, 2, "building"),
+        (1, current, "live"),
+        (2, current + 1, "building"),
     ]
     assert "sessions_g1" in await _view_target(engine, "sessions")
     async with projecting(store, engine, [SessionsV2()]):

@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from agentbus.audit.erasure import open_sealed_store
 from agentbus.events import AggregateRef
 from agentbus.events.catalog import default_registry
 from agentbus.events.session import SessionOpened
@@ -285,15 +286,21 @@ async def test_chat_with_the_echo_agent_under_up(up: Up) -> None:
     assert "stored in session demo/e2e" in result.stdout
 
     client = await connect(f"nats://127.0.0.1:{up.nats_port}")
+    session = AggregateRef("demo", "session", "e2e")
     try:
-        store = EventStore(client, default_registry())
-        events = (await store.load(AggregateRef("demo", "session", "e2e"))).events
+        stored = (await EventStore(client, default_registry()).load(session)).events
+        store = await open_sealed_store(client, default_registry(), timeout=5.0)
+        events = (await store.load(session)).events
         live = [e async for e in store.read(subjects=["evt.demo.run.>"])]
+        assert store.sealer is not None
+        await store.sealer.close()
     finally:
         await client.close()
     names = [e.event.kind.name for e in events]
     assert names[:4] == ["opened", "message_received", "run_assigned", "message_sent"]
     assert events[3].event.text == "echo: hello agent world"  # type: ignore[attr-defined]
+    # stored sealed with the key of the person it answers (docs/erasure.md)
+    assert stored[3].event.text.startswith("sealed:v1:")  # type: ignore[attr-defined]
     assert [e.event.kind.name for e in live] == ["queued", "started", "usage_recorded", "succeeded"]
     # the projections caught up: the run and both messages are in the read models
     deadline = time.monotonic() + 20

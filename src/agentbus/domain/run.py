@@ -61,6 +61,8 @@ class RunState:
     retry_at: datetime | None = None
     approval_id: str | None = None
     output: str | None = None
+    author: str | None = None
+    """Whose words `input` is: the data subject of the input and of the output."""
 
     @property
     def finished(self) -> bool:
@@ -86,6 +88,7 @@ def evolve(state: RunState, event: DomainEvent) -> RunState:
                 session_id=event.session_id,
                 max_attempts=event.max_attempts,
                 deadline_at=event.deadline_at,
+                author=event.author,
             )
         case RunStarted():
             return replace(
@@ -281,7 +284,9 @@ def decide(command: RunCommand, state: RunState) -> list[DomainEvent]:
             return [RunResumed(approval_id=command.approval_id, decision=command.decision)]
         case Succeed():
             _require_attempt(state, command.attempt, "complete", ("running",))
-            return [RunSucceeded(attempt=command.attempt, output=command.output)]
+            return [
+                RunSucceeded(attempt=command.attempt, output=command.output, author=state.author)
+            ]
         case Fail():
             _require_attempt(state, command.attempt, "fail", ("running", "waiting_approval"))
             if command.retryable and command.attempt < state.max_attempts:

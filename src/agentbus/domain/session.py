@@ -99,6 +99,8 @@ class SendMessage:
     author: str
     text: str
     run_id: str | None = None
+    recipient: str | None = None
+    """Whose message this answers: `text` is sealed with their key (docs/erasure.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,7 @@ def decide(command: SessionCommand, state: SessionState) -> list[DomainEvent]:
                     author=command.author,
                     text=command.text,
                     run_id=command.run_id,
+                    recipient=command.recipient,
                 )
             ]
         case CloseSession():

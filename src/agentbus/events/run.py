@@ -61,9 +61,16 @@ class RunResumed(DomainEvent):
 
 class RunSucceeded(DomainEvent):
     kind: ClassVar[EventKind] = EventKind("run", "succeeded", 1)
+    # The agent's answer to `author`'s input, which it may repeat: sealed with their key.
+    personal: ClassVar[Personal] = Personal(fields=("output",), subject="author")
 
     attempt: int = Field(ge=1)
     output: str = Field(max_length=200_000)
+    author: str | None = Field(
+        default=None,
+        max_length=200,
+        description="whose input the run answered (the data subject of `output`)",
+    )
 
 
 class RunFailed(DomainEvent):

@@ -54,11 +54,20 @@ class MessageSent(DomainEvent):
     """An agent (or an operator) wrote into the session."""
 
     kind: ClassVar[EventKind] = EventKind("session", "message_sent", 1)
+    # An agent's reply answers someone's words and may repeat them: sealed with the key of
+    # the person it answers (`recipient`), so forgetting them erases it too. Without one
+    # (operator notices; events written before the field existed) it is not sealed.
+    personal: ClassVar[Personal] = Personal(fields=("text",), subject="recipient")
 
     message_id: str = Field(min_length=1, max_length=64)
     author: str = Field(min_length=1, max_length=200)
     text: str = Field(min_length=1, max_length=MAX_TEXT)
     run_id: str | None = Field(default=None, max_length=64)
+    recipient: str | None = Field(
+        default=None,
+        max_length=200,
+        description="whose message this answers (the data subject of `text`)",
+    )
 
 
 class RunAssigned(DomainEvent):

@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 
 import orjson
 
+from agentbus.audit.sealing import ERASED
+from agentbus.events.privacy import SubjectForgotten
 from agentbus.events.registry import DomainEvent
 from agentbus.events.run import (
     RunCancelled,
@@ -27,8 +29,9 @@ from agentbus.store.eventstore import RecordedEvent
 INSERT_RUN = Statement(
     "insert_run",
     """INSERT INTO {runs} (workspace, id, session_id, agent, executor, status, attempts,
-                           max_attempts, queued_at, deadline_at, tokens_in, tokens_out, position)
-       VALUES ($1, $2, $3, $4, $5, 'queued', 0, $6, $7, $8, 0, 0, $9)
+                           max_attempts, queued_at, deadline_at, tokens_in, tokens_out, position,
+                           author)
+       VALUES ($1, $2, $3, $4, $5, 'queued', 0, $6, $7, $8, 0, 0, $9, $10)
        ON CONFLICT (workspace, id) DO NOTHING""",
 )
 INSERT_STEP = Statement(
@@ -62,9 +65,18 @@ ADD_USAGE = Statement(
 )
 
 
+ERASE_OUTPUT = Statement(
+    "erase_output",
+    # As the sessions projection erases messages: only what was written before the erasure.
+    f"""UPDATE {{runs}} SET output = '{ERASED}'
+         WHERE workspace = $1 AND author = $2 AND position < $3
+           AND output IS NOT NULL AND output <> '{ERASED}'""",
+)
+
+
 class RunsProjection(Projection):
     name: ClassVar[str] = "runs"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: runs.author (a forgotten subject's outputs are erased)
     tables: ClassVar[tuple[str, ...]] = ("runs", "run_steps")
     schema: ClassVar[tuple[str, ...]] = (
         """CREATE TABLE {runs} (
@@ -89,6 +101,7 @@ class RunsProjection(Projection):
                tokens_out    bigint      NOT NULL,
                position      bigint      NOT NULL,
                updated_at    timestamptz,
+               author        text,
                PRIMARY KEY (workspace, id))""",
         "CREATE INDEX ON {runs} (workspace, queued_at DESC, id)",
         "CREATE INDEX ON {runs} (workspace, session_id, queued_at)",
@@ -103,7 +116,13 @@ class RunsProjection(Projection):
                PRIMARY KEY (workspace, position))""",
         "CREATE INDEX ON {run_steps} (workspace, run_id, position)",
     )
-    statements: ClassVar[tuple[Statement, ...]] = (INSERT_RUN, INSERT_STEP, TRANSITION, ADD_USAGE)
+    statements: ClassVar[tuple[Statement, ...]] = (
+        INSERT_RUN,
+        INSERT_STEP,
+        TRANSITION,
+        ADD_USAGE,
+        ERASE_OUTPUT,
+    )
 
     def handlers(self) -> Mapping[type[DomainEvent], Handler]:
         return {
@@ -117,6 +136,7 @@ class RunsProjection(Projection):
             RunCancelled: self.step,
             RunTimedOut: self.step,
             RunUsageRecorded: self.usage,
+            SubjectForgotten: self.forgotten,
         }
 
     @staticmethod
@@ -134,6 +154,7 @@ class RunsProjection(Projection):
             recorded.time,
             event.deadline_at,
             recorded.position,
+            event.author,
         )
         yield _step(recorded, None, {"agent": event.agent, "executor": event.executor})
 
@@ -186,6 +207,13 @@ class RunsProjection(Projection):
             at,
         )
         yield _step(recorded, attempt, event.model_dump(mode="json", exclude={"output"}))
+
+    @staticmethod
+    def forgotten(recorded: RecordedEvent) -> Iterator[Write]:
+        """A forgotten subject's runs keep no output (docs/erasure.md)."""
+        event = recorded.event
+        assert isinstance(event, SubjectForgotten)
+        yield ERASE_OUTPUT.row(recorded.ref.workspace, event.subject, recorded.position)
 
     @staticmethod
     def usage(recorded: RecordedEvent) -> Iterator[Write]:

@@ -26,8 +26,8 @@ INSERT_SESSION = Statement(
 INSERT_MESSAGE = Statement(
     "insert_message",
     """INSERT INTO {messages} (workspace, session_id, position, message_id, direction, author,
-                               text, created_at, external_id, run_id)
-       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                               text, created_at, external_id, run_id, data_subject)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
        ON CONFLICT (workspace, position) DO NOTHING""",
 )
 COUNT_MESSAGE = Statement(
@@ -54,14 +54,14 @@ ERASE_SUBJECT = Statement(
     # after it are inserted later or, within a batch, have a higher position), and the same
     # as a rebuild, which reads those texts as [erased] anyway (their key is gone).
     f"""UPDATE {{messages}} SET text = '{ERASED}'
-         WHERE workspace = $1 AND author = $2 AND direction = 'in' AND position < $3
+         WHERE workspace = $1 AND data_subject = $2 AND position < $3
            AND text <> '{ERASED}'""",
 )
 
 
 class SessionsProjection(Projection):
     name: ClassVar[str] = "sessions"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: messages.data_subject (agents' replies are erased too)
     tables: ClassVar[tuple[str, ...]] = ("sessions", "messages")
     schema: ClassVar[tuple[str, ...]] = (
         """CREATE TABLE {sessions} (
@@ -91,6 +91,7 @@ class SessionsProjection(Projection):
                created_at  timestamptz NOT NULL,
                external_id text,
                run_id      text,
+               data_subject text,
                PRIMARY KEY (workspace, position))""",
         "CREATE INDEX ON {messages} (workspace, session_id, position)",
     )
@@ -151,17 +152,18 @@ class SessionsProjection(Projection):
     def received(recorded: RecordedEvent) -> tuple[Write, ...]:
         event = recorded.event
         assert type(event) is MessageReceived
-        return _message_rows(recorded, event, "in", event.external_id, None)
+        return _message_rows(recorded, event, "in", event.external_id, None, event.author)
 
     @staticmethod
     def sent(recorded: RecordedEvent) -> tuple[Write, ...]:
         event = recorded.event
         assert type(event) is MessageSent
-        return _message_rows(recorded, event, "out", None, event.run_id)
+        return _message_rows(recorded, event, "out", None, event.run_id, event.recipient)
 
     @staticmethod
     def forgotten(recorded: RecordedEvent) -> tuple[Write, ...]:
-        """A forgotten subject's messages keep no text (docs/erasure.md)."""
+        """A forgotten subject's messages, and the replies to them, keep no text
+        (docs/erasure.md)."""
         event = recorded.event
         assert type(event) is SubjectForgotten
         return (ERASE_SUBJECT.row(recorded.ref.workspace, event.subject, recorded.position),)
@@ -173,8 +175,10 @@ def _message_rows(
     direction: str,
     external_id: str | None,
     run_id: str | None,
+    data_subject: str | None,
 ) -> tuple[Write, ...]:
-    """A message's row, and its session's count moved by one."""
+    """A message's row (`data_subject`: whose key seals its text), and its session's count
+    moved by one."""
     ref, at, position = recorded.ref, recorded.time, recorded.position
     return (
         INSERT_MESSAGE.row(
@@ -188,6 +192,7 @@ def _message_rows(
             at,
             external_id,
             run_id,
+            data_subject,
         ),
         COUNT_MESSAGE.row(ref.workspace, ref.id, at, position, 1),
     )

@@ -156,7 +156,13 @@ class AutoReply:
         session = AggregateRef(run.workspace, "session", state.session_id)
         if isinstance(recorded.event, RunSucceeded):
             reply_id = f"reply-{run.id}"[:64]
-            reply = SendMessage(reply_id, state.agent, recorded.event.output, run_id=run.id)
+            reply = SendMessage(
+                reply_id,
+                state.agent,
+                recorded.event.output,
+                run_id=run.id,
+                recipient=state.author,
+            )
             with contextlib.suppress(DomainError):  # e.g. the session was closed meanwhile
                 await handle(
                     self._store, SESSION, session, reply, context=context, event_ids=[reply_id]
