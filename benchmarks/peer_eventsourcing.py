@@ -97,8 +97,8 @@ _INSERT_SESSION = SQL(
 )
 _INSERT_MESSAGE = SQL(
     """INSERT INTO messages (workspace, session_id, position, message_id, direction, author,
-                             text, created_at, external_id, run_id)
-       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                             text, created_at, external_id, run_id, data_subject)
+       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
        ON CONFLICT (workspace, position) DO NOTHING"""
 )
 _COUNT_MESSAGE = SQL(
@@ -172,6 +172,7 @@ class SessionsView(PostgresTrackingRecorder):
                     at,
                     external_id,
                     run_id,
+                    author if direction == "in" else None,  # the rows the projection writes
                 ),
                 prepare=True,
             )

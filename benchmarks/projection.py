@@ -549,6 +549,7 @@ async def _write_minimal(
                     at,
                     data.get("external_id"),
                     data.get("run_id"),
+                    data["author"] if inbound else data.get("recipient"),
                 )
             )
             writes.append(COUNT_MESSAGE.row(workspace, session, at, position, 1))
