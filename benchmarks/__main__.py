@@ -28,7 +28,7 @@ from rich.text import Text
 
 from agentbus.runtime.roles import tune_collector
 from benchmarks import Figure, Options, append, audit, http_ingest, projection, runs, sse
-from benchmarks.env import Env, open_env
+from benchmarks.env import Env, fresh_workspace, open_env
 
 SCENARIOS: tuple[ModuleType, ...] = (append, projection, runs, http_ingest, sse, audit)
 """Every scenario, in the order `python -m benchmarks` runs them. Add new modules here."""
@@ -188,6 +188,7 @@ async def _run(
         version = env.nc.connected_server_version
         server = f"nats-server {version.major}.{version.minor}.{version.patch}"
         for scenario in scenarios:
+            env.workspace = fresh_workspace()  # scenarios create theirs: never the same one
             started = time.perf_counter()
             with console.status(f"{scenario.name}: {scenario.description}"):
                 figures = await scenario.run(env, options)

@@ -26,10 +26,14 @@ from agentbus.store.connection import connect_nats
 from agentbus.store.streams import apply_streams, load_stream_specs
 
 
+def fresh_workspace() -> str:
+    return f"bench{secrets.token_hex(4)}"
+
+
 @dataclass
 class Env:
-    """What a scenario runs against. Scenarios use their own `workspace` (fresh per run), so
-    runs against a shared server never collide."""
+    """What a scenario runs against. Each scenario gets its own `workspace` (fresh per
+    scenario and run), so scenarios and runs against a shared server never collide."""
 
     nats_url: str
     nc: NATS
@@ -86,7 +90,7 @@ async def open_env(
             env = Env(
                 nats_url=nats_url,
                 nc=nc,
-                workspace=f"bench{secrets.token_hex(4)}",
+                workspace=fresh_workspace(),
                 directory=directory,
                 postgres_given=postgres_url,
             )
