@@ -41,7 +41,6 @@ from agentbus.audit.erasure import open_sealed_store
 from agentbus.cli.admin import bootstrap
 from agentbus.db.engine import create_engine
 from agentbus.db.migrations import upgrade
-from agentbus.events.catalog import default_registry
 from agentbus.gateway.app import create_app
 from agentbus.projections.catalog import all_projections
 from agentbus.projections.runtime import Projector, RuntimeOptions
@@ -116,7 +115,7 @@ class _Gateway:
         database_url = await self._create_database()
         nc = await connect(self._nats_url)
         await apply_project_streams(nc)
-        store = await open_sealed_store(nc, default_registry(), timeout=5.0)  # as the platform's
+        store = await open_sealed_store(nc, Settings(agents=AGENTS))  # as the platform's
         await upgrade(database_url)
         engine = create_engine(database_url)
         platform = Platform(

@@ -21,6 +21,7 @@ from agentbus.events import AggregateRef
 from agentbus.events.catalog import default_registry
 from agentbus.events.session import SessionOpened
 from agentbus.projections.catalog import all_projections
+from agentbus.settings import Settings
 from agentbus.store import NO_EVENTS, EventStore
 
 from .conftest import connect
@@ -289,7 +290,7 @@ async def test_chat_with_the_echo_agent_under_up(up: Up) -> None:
     session = AggregateRef("demo", "session", "e2e")
     try:
         stored = (await EventStore(client, default_registry()).load(session)).events
-        store = await open_sealed_store(client, default_registry(), timeout=5.0)
+        store = await open_sealed_store(client, Settings())
         events = (await store.load(session)).events
         live = [e async for e in store.read(subjects=["evt.demo.run.>"])]
         assert store.sealer is not None

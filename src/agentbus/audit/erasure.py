@@ -47,20 +47,18 @@ from agentbus.audit.sealing import (
     sealed_key_id,
 )
 from agentbus.errors import StoreUnavailable, SubjectKeyUnavailable
+from agentbus.events.catalog import default_registry
 from agentbus.events.envelope import CloudEvent, EventContext
 from agentbus.events.privacy import Personal, SubjectForgotten, personal_types, subject_digest
 from agentbus.events.registry import DomainEvent, EventRegistry
 from agentbus.events.subjects import AggregateRef
-from agentbus.settings import SUBJECT_KEY_CACHE
+from agentbus.settings import SUBJECT_KEY_CACHE, Settings
 from agentbus.store.eventstore import EventStore
 
 BUCKET: Final = "agentbus_subject_keys"
 KEYS_STREAM: Final = f"KV_{BUCKET}"
 DEFAULT_RECHECK: Final = 60.0
 """Seconds a cached key is used on the async paths before it is read from the bucket again."""
-DEFAULT_CACHED_KEYS: Final = SUBJECT_KEY_CACHE
-"""Subjects' keys a process keeps in memory (least recently used pushed out first), and as many
-ids of keys it knows were destroyed (`AGENTBUS_SUBJECT_KEY_CACHE`)."""
 DEFAULT_SETTLE: Final = 1.0
 """Seconds `forget` waits between destroying a key and appending `SubjectForgotten`, so that
 every process's watcher has dropped the key (measured: milliseconds; docs/erasure.md)."""
@@ -97,7 +95,7 @@ class Sealer:
         *,
         recheck: float = DEFAULT_RECHECK,
         timeout: float = 5.0,
-        cached_keys: int = DEFAULT_CACHED_KEYS,
+        cached_keys: int = SUBJECT_KEY_CACHE,
     ) -> None:
         if cached_keys < 1:
             raise ValueError(f"a sealer caches at least one key, got cached_keys={cached_keys}")
@@ -133,7 +131,7 @@ class Sealer:
         *,
         recheck: float = DEFAULT_RECHECK,
         timeout: float = 5.0,
-        cached_keys: int = DEFAULT_CACHED_KEYS,
+        cached_keys: int = SUBJECT_KEY_CACHE,
     ) -> Sealer:
         """A sealer whose bucket exists (created if needed) and whose watcher runs."""
         sealer = cls(nc, registry, recheck=recheck, timeout=timeout, cached_keys=cached_keys)
@@ -462,7 +460,7 @@ class ForgetStep:
     """When the key had been destroyed before (None: never, or just now)."""
 
 
-@functools.lru_cache(maxsize=DEFAULT_CACHED_KEYS)
+@functools.lru_cache(maxsize=SUBJECT_KEY_CACHE)
 def _digest(workspace: str, subject: str) -> str:
     """`subject_digest`, remembered for the subjects used last (a SHA-256 per append saved)."""
     return subject_digest(workspace, subject)
@@ -572,14 +570,13 @@ async def forget(
     return Forgotten(outcome, step.destroyed, result.last_position)
 
 
-async def open_sealed_store(
-    nc: NATS,
-    registry: EventRegistry,
-    *,
-    timeout: float,
-    cached_keys: int = DEFAULT_CACHED_KEYS,
-) -> EventStore:
-    """The event store as agentbus's roles and commands use it: personal fields sealed at
-    append and opened at read (the key bucket is created if needed)."""
-    sealer = await Sealer.open(nc, registry, timeout=timeout, cached_keys=cached_keys)
+async def open_sealed_store(nc: NATS, settings: Settings) -> EventStore:
+    """The event store as agentbus's roles and commands use it: every event type, personal
+    fields sealed at append and opened at read (the key bucket is created if needed), with
+    the settings' store timeout and key cache bound."""
+    registry = default_registry()
+    timeout = settings.store_timeout
+    sealer = await Sealer.open(
+        nc, registry, timeout=timeout, cached_keys=settings.subject_key_cache
+    )
     return EventStore(nc, registry, timeout=timeout, sealer=sealer)

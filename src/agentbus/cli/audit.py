@@ -331,17 +331,11 @@ async def _forget(
 ) -> Any:
     from agentbus.audit.erasure import forget, open_sealed_store
     from agentbus.cli.main import _nats_url
-    from agentbus.events.catalog import default_registry
     from agentbus.store.connection import connect_nats
 
     nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
     try:
-        store = await open_sealed_store(
-            nc,
-            default_registry(),
-            timeout=settings.store_timeout,
-            cached_keys=settings.subject_key_cache,
-        )
+        store = await open_sealed_store(nc, settings)
         assert store.sealer is not None
         return await forget(
             store, store.sealer, workspace, subject, by=by, reason=reason, settle=settle

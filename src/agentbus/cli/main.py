@@ -193,18 +193,12 @@ async def _chat(
 ) -> None:
     from agentbus.audit.erasure import open_sealed_store
     from agentbus.cli.chat import say
-    from agentbus.events.catalog import default_registry
     from agentbus.events.subjects import AggregateRef
     from agentbus.store.connection import connect_nats
 
     session = AggregateRef(workspace, "session", session_id)
     nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
-    store = await open_sealed_store(
-        nc,
-        default_registry(),
-        timeout=settings.store_timeout,
-        cached_keys=settings.subject_key_cache,
-    )
+    store = await open_sealed_store(nc, settings)
     try:
         lines = [message] if message is not None else None
         while True:
@@ -735,17 +729,11 @@ def _admin(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
 
     async def go() -> T:
         from agentbus.audit.erasure import open_sealed_store
-        from agentbus.events.catalog import default_registry
         from agentbus.store.connection import connect_nats
 
         nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
         try:
-            store = await open_sealed_store(
-                nc,
-                default_registry(),
-                timeout=settings.store_timeout,
-                cached_keys=settings.subject_key_cache,
-            )
+            store = await open_sealed_store(nc, settings)
             return await work(store)
         finally:
             await nc.close()

@@ -226,18 +226,12 @@ async def _export(
 ) -> None:
     from agentbus.audit.erasure import open_sealed_store
     from agentbus.cli.main import _nats_url
-    from agentbus.events.catalog import default_registry
     from agentbus.store.connection import connect_nats
 
     nc = await connect_nats(_nats_url(settings), timeout=settings.connect_timeout)
     try:
         # Sealed personal fields opened, or [erased] once forgotten (docs/erasure.md).
-        store = await open_sealed_store(
-            nc,
-            default_registry(),
-            timeout=settings.store_timeout,
-            cached_keys=settings.subject_key_cache,
-        )
+        store = await open_sealed_store(nc, settings)
         replay = export.replay = await Replay.start(store, replay_filter, after=after, limit=limit)
         flushed = time.monotonic()
         with _progress(replay, export, show_progress) as tick:

@@ -11,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from agentbus.audit.erasure import open_sealed_store
 from agentbus.db.engine import create_engine
 from agentbus.errors import StoreUnavailable
-from agentbus.events.catalog import default_registry
 from agentbus.settings import Settings
 from agentbus.store.connection import connect_nats
 from agentbus.store.eventstore import EventStore
@@ -41,12 +40,7 @@ class Platform:
             raise StoreUnavailable(f"cannot reach Postgres: {exc}") from exc
         try:
             # Sealing is always on: forgetting a subject must cover every event (erasure.md).
-            store = await open_sealed_store(
-                nc,
-                default_registry(),
-                timeout=settings.store_timeout,
-                cached_keys=settings.subject_key_cache,
-            )
+            store = await open_sealed_store(nc, settings)
         except StoreUnavailable:
             await nc.close()
             await engine.dispose()
