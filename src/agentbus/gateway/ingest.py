@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agentbus.errors import AgentbusError
 from agentbus.gateway.auth import COOKIE
 from agentbus.gateway.deps import Access, identities, session_posts
-from agentbus.gateway.limits import RateLimiter
+from agentbus.gateway.limits import RateLimiter, send_response
 from agentbus.gateway.problems import agentbus_problem
 from agentbus.gateway.routes.conversations import NewMessage, post_message_as
 
@@ -92,18 +92,7 @@ class FastIngest:
         except AgentbusError as exc:
             await agentbus_problem(exc)(scope, receive, send)
             return
-        answer = orjson.dumps(posted.model_dump())
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 202,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(answer)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": answer})
+        await send_response(send, 202, b"application/json", orjson.dumps(posted.model_dump()))
 
 
 def _text(value: bytes | None) -> str | None:

@@ -81,12 +81,19 @@ async def _too_large(send: Send, limit: int) -> None:
             "detail": f"request body over {limit} bytes",
         }
     )
+    await send_response(send, 413, b"application/problem+json", body)
+
+
+async def send_response(send: Send, status: int, content_type: bytes, body: bytes) -> None:
+    """Answer with the whole of `body`: one `http.response.start` (with its content type and
+    length) and one `http.response.body`. For middleware answering on its own, ahead of any
+    framework (no Response object to build: `FastIngest` is the hot path)."""
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
-                (b"content-type", b"application/problem+json"),
+                (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
             ],
         }
