@@ -10,13 +10,16 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError, NotFoundError
+from sqlalchemy import make_url
 from sqlalchemy import text as sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,16 +33,32 @@ from agentbus.audit.sealing import (
     seal_value,
     sealed_key_id,
 )
-from agentbus.domain.handling import handle
+from agentbus.db.engine import create_engine
+from agentbus.db.migrations import upgrade
+from agentbus.domain.approval import (
+    APPROVAL,
+    AskApproval,
+    DecideApproval,
+    approval_ref,
+    arguments_digest,
+    decide_approval,
+)
+from agentbus.domain.handling import handle, load
+from agentbus.domain.run import RUN, Fail, QueueRun, StartRun
 from agentbus.domain.session import SESSION, OpenSession, ReceiveMessage
 from agentbus.errors import SealBroken, SubjectKeyUnavailable
 from agentbus.events import AggregateRef
+from agentbus.events.approval import ApprovalRequested
 from agentbus.events.catalog import default_registry
 from agentbus.events.identity import SYSTEM_WORKSPACE, UserCreated
 from agentbus.events.privacy import SubjectForgotten, personal_types, subject_digest
-from agentbus.events.run import RunQueued, RunStarted, RunSucceeded
+from agentbus.events.run import RunQueued, RunStarted, RunSucceeded, RunWaitingApproval
 from agentbus.events.session import MessageReceived, MessageSent, RunAssigned, SessionOpened
+from agentbus.events.subjects import LIVE_STREAM
+from agentbus.projections.approvals import ApprovalsProjection
+from agentbus.projections.projection import Projection
 from agentbus.projections.runs import RunsProjection
+from agentbus.projections.runtime import RuntimeOptions
 from agentbus.projections.sessions import SessionsProjection
 from agentbus.queries.consistency import wait_for_position
 from agentbus.runtime.embedded import EmbeddedNats
@@ -74,6 +93,11 @@ def test_what_is_personal_is_declared_on_the_event_types() -> None:
         # an agent's answer to someone, which may repeat their words
         "agentbus.session.message_sent.v1": (("text",), "recipient"),
         "agentbus.run.succeeded.v1": (("output",), "author"),
+        # what a run's tool call, its reason to ask and its errors may quote of the input
+        "agentbus.approval.requested.v1": (("arguments_preview", "reason"), "author"),
+        "agentbus.run.waiting_approval.v1": (("reason",), "author"),
+        "agentbus.run.failed.v1": (("message",), "author"),
+        "agentbus.run.retry_scheduled.v1": (("message",), "author"),
         "agentbus.user.created.v1": (("display_name",), None),
     }
 
@@ -278,6 +302,7 @@ async def test_crypto_shredding_end_to_end(
     assert new_id not in (None, key_id)
     back = await second_process.get(again.last_position)
     assert back is not None
+    assert isinstance(back.event, MessageReceived)
     assert back.event.text == "ada is back"
 
     # The read models erased their copies; a rebuild from scratch gives the same rows.
@@ -563,17 +588,32 @@ async def test_an_auto_replied_message_is_sealed_wherever_it_is_copied(
     session = AggregateRef("acme", "session", "chat1")
     await handle(store, SESSION, session, OpenSession("web", agent="echo"))
     await handle(store, SESSION, session, ReceiveMessage("m1", "ada", "hello there"))
+    bobs = AggregateRef("acme", "session", "chat2")
+    await handle(store, SESSION, bobs, OpenSession("web", agent="echo"))
+    await handle(store, SESSION, bobs, ReceiveMessage("m2", "bob", "bob speaking"))
+
+    async def reply_in(session: AggregateRef) -> MessageSent:
+        deadline = time.monotonic() + 15
+        while True:
+            events = (await store.load(session)).events
+            reply = next((e.event for e in events if isinstance(e.event, MessageSent)), None)
+            if reply is not None:
+                return reply
+            assert time.monotonic() < deadline, f"no reply in {session.id}"
+            await asyncio.sleep(0.05)
+
     try:
         async with workers(store, ECHO, auto_reply=True):
-            deadline = time.monotonic() + 15
-            reply = None
-            while reply is None and time.monotonic() < deadline:
-                events = (await store.load(session)).events
-                reply = next((e for e in events if isinstance(e.event, MessageSent)), None)
-                await asyncio.sleep(0.05)
-        assert reply is not None
-        assert reply.event.text == "echo: hello there"  # type: ignore[attr-defined]
-        run = AggregateRef("acme", "run", reply.event.run_id)  # type: ignore[attr-defined]
+            reply = await reply_in(session)
+            bobs_reply = await reply_in(bobs)
+        assert reply.text == "echo: hello there"
+        assert reply.run_id is not None
+        assert bobs_reply.run_id is not None
+        run = AggregateRef("acme", "run", reply.run_id)
+        # The run's live output (token deltas) repeats the text in clear, in LIVE.
+        live = store.on_stream(LIVE_STREAM)
+        streamed = await live.subjects("live.acme.run.*.*")
+        assert {s.split(".")[3] for s in streamed} == {run.id, bobs_reply.run_id}
         everything = await raw_bytes(nc, "acme")
         copies = {
             orjson.loads(data)["type"].split(".")[2]
@@ -584,6 +624,12 @@ async def test_an_auto_replied_message_is_sealed_wherever_it_is_copied(
 
         done = await forget(store, sealer, "acme", "ada", by="dpo", settle=0)
         assert done.outcome == "destroyed"
+        ada_live = sum(n for s, n in streamed.items() if s.split(".")[3] == run.id)
+        assert done.live_purged == ada_live > 0
+        left = await live.subjects("live.acme.run.*.*")
+        assert {s.split(".")[3] for s in left} == {bobs_reply.run_id}  # bob's output stays
+        again = await forget(store, sealer, "acme", "ada", by="dpo", settle=0)
+        assert (again.outcome, again.live_purged) == ("already_forgotten", 0)
         inputs = [
             getattr(e.event, "input", None) or getattr(e.event, "text", None)
             for e in [*(await store.load(session)).events, *(await store.load(run)).events]
@@ -598,6 +644,201 @@ async def test_an_auto_replied_message_is_sealed_wherever_it_is_copied(
         assert answers == [ERASED, ERASED]
     finally:
         await sealer.close()
+
+
+async def test_an_approval_asked_for_someone_is_sealed_and_erased_with_them(
+    private_store: EventStore,
+) -> None:
+    """A tool call's arguments come from the run's input: the approval's preview and reason,
+    the run's `waiting_approval` and the chat notice asking for it are sealed with the input's
+    author's key, and erased by forget; the decision itself stays."""
+    nc = private_store._nc
+    sealer = await Sealer.open(nc, REGISTRY)
+    store = EventStore(nc, REGISTRY, timeout=5.0, sealer=sealer)
+    session = AggregateRef("acme", "session", "chat1")
+    secret = "ada-diary-page-7"
+    await handle(store, SESSION, session, OpenSession("web", agent="echo"))
+    asked = f'/tool shell {{"command": "cat {secret}"}}'
+    await handle(store, SESSION, session, ReceiveMessage("m1", "ada", asked))
+
+    async def sent(prefix: str) -> MessageSent | None:
+        for recorded in (await store.load(session)).events:
+            event = recorded.event
+            if isinstance(event, MessageSent) and event.message_id.startswith(prefix):
+                return event
+        return None
+
+    async def eventually(prefix: str) -> MessageSent:
+        deadline = time.monotonic() + 15
+        while (found := await sent(prefix)) is None:
+            assert time.monotonic() < deadline, f"no message {prefix}*"
+            await asyncio.sleep(0.05)
+        return found
+
+    try:
+        async with workers(store, ECHO, auto_reply=True):
+            notice = await eventually("ask-")
+            assert secret in notice.text
+            assert notice.recipient == "ada"
+            approval_id = notice.message_id.removeprefix("ask-")
+            await decide_approval(store, "acme", approval_id, "granted", by="bob", reason="ok")
+            reply = await eventually("reply-")
+        assert reply.text == f'tool shell approved: {{"command":"cat {secret}"}}'
+        assert reply.run_id is not None
+        run = AggregateRef("acme", "run", reply.run_id)
+        approval = approval_ref("acme", approval_id)
+        requested = (await store.load(approval)).events[0].event
+        assert isinstance(requested, ApprovalRequested)
+        assert secret in requested.arguments_preview
+        assert requested.author == "ada"
+        everything = await raw_bytes(nc, "acme")
+        assert [data for data in everything.values() if secret.encode() in data] == []
+        assert not any(b"the echo agent calls shell" in data for data in everything.values())
+
+        done = await forget(store, sealer, "acme", "ada", by="dpo", settle=0)
+        assert done.outcome == "destroyed"
+        state, _ = await load(store, APPROVAL, approval)
+        assert (state.arguments_preview, state.reason) == (ERASED, ERASED)
+        assert state.verdict is not None
+        assert (state.verdict.outcome, state.verdict.by, state.verdict.reason) == (
+            "granted",
+            "bob",
+            "ok",
+        )
+        assert (await eventually("ask-")).text == ERASED
+        waiting = [
+            e.event
+            for e in (await store.load(run)).events
+            if isinstance(e.event, RunWaitingApproval)
+        ]
+        assert [(w.tool, w.reason, w.author) for w in waiting] == [("shell", ERASED, "ada")]
+    finally:
+        await sealer.close()
+
+
+async def test_run_errors_and_approvals_in_the_read_models_are_erased_batch_independently(
+    sealed: EventStore, engine: AsyncEngine, database_url: str, workspace: str
+) -> None:
+    """An executor's error may quote what it was sent: `runs.error_message`, the turn ledger
+    and the `approvals` rows drop a forgotten subject's copies. What a later transition keeps
+    (a retried run's error, a preview decided after the forget) is erased too, also when the
+    projector decoded it before the forget and applies it in one batch with the forget and the
+    later transition; a from-scratch rebuild in one batch gives the same rows."""
+    now = datetime.now(UTC)
+
+    async def queue(run_id: str) -> AggregateRef:
+        ref = AggregateRef(workspace, "run", run_id)
+        await handle(sealed, RUN, ref, QueueRun("echo", "echo", "hi", author="ada"))
+        await handle(sealed, RUN, ref, StartRun("w1", now))
+        return ref
+
+    def fail(attempt: int, message: str, retryable: bool) -> Fail:
+        return Fail(attempt, "http_status", message, retryable, now, timedelta(0))
+
+    async def projected(engine: AsyncEngine) -> None:
+        last = await sealed.last_position()
+        await wait_for_position(engine, "runs", last, timeout=30)
+        await wait_for_position(engine, "approvals", last, timeout=30)
+
+    models: list[Projection] = [RunsProjection(), ApprovalsProjection()]
+    # A batch waits 1.5 s for more events once it has one: the events below, from the retry
+    # to the late run, are decoded as they arrive (the retry's error with ada's key) and
+    # applied together, the forget between the retry and the transitions that follow it.
+    lingering = RuntimeOptions(batch_size=1000, linger=1.5, lock_poll=0.2, scan_interval=0.2)
+    async with projecting(sealed, engine, models, lingering):
+        failed = await queue("r-failed")  # fails before the forget
+        await handle(sealed, RUN, failed, fail(1, "502 for 'ada-secret-1'", retryable=False))
+        await projected(engine)
+        assert await run_column(engine, "error_message", "r-failed") == "502 for 'ada-secret-1'"
+
+        retried = await queue("r-retried")
+        await handle(sealed, RUN, retried, fail(1, "503 for 'ada-secret-2'", retryable=True))
+        approval = approval_ref(workspace, "ap_1")
+        await handle(
+            sealed,
+            APPROVAL,
+            approval,
+            AskApproval(
+                run_id="r-retried",
+                attempt=1,
+                tool="shell",
+                arguments_digest=arguments_digest({"command": "cat ada-secret-3"}),
+                arguments_preview='{"command": "cat ada-secret-3"}',
+                expires_at=now + timedelta(hours=1),
+                requested_by="agent:echo",
+                reason="ada-secret-4",
+                author="ada",
+            ),
+        )
+        sealer = sealed.sealer
+        assert sealer is not None
+        forgotten = await forget(sealed, sealer, workspace, "ada", by="dpo", settle=0)
+        assert forgotten.outcome == "destroyed"
+        # After the forget: the retried run starts again (keeping its error), the approval is
+        # decided, and a new run fails with a new error (under a new key: not erased).
+        await handle(sealed, RUN, retried, StartRun("w1", now + timedelta(seconds=1)))
+        await handle(sealed, APPROVAL, approval, DecideApproval("denied", "bob", now, "no"))
+        late = await queue("r-late")
+        await handle(sealed, RUN, late, fail(1, "504 after the forget", retryable=False))
+        await projected(engine)
+
+    stored = b"".join((await raw_bytes(sealed._nc, workspace)).values())
+    assert not any(f"ada-secret-{n}".encode() in stored for n in range(1, 5))
+    live = await runs_and_approvals(engine, workspace)
+    errors = {row[1]: row[14] for row in live[0]}  # id: error_message
+    assert errors == {"r-failed": ERASED, "r-retried": ERASED, "r-late": "504 after the forget"}
+    assert await approval_row(engine, workspace) == (ERASED, ERASED)
+    ledger = " ".join(str(row[5]) for row in live[1])  # run_steps.detail
+    assert "ada-secret" not in ledger
+    assert "504 after the forget" not in ledger  # the ledger keeps no sealed field at all
+    assert "http_status" in ledger
+
+    # One batch from scratch: the same rows.
+    name = f"rebuild_{workspace}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    await upgrade(url)
+    fresh = create_engine(url)
+    try:
+        async with projecting(sealed, fresh, models, lingering):
+            await projected(fresh)
+        assert await runs_and_approvals(fresh, workspace) == live
+    finally:
+        await fresh.dispose()
+
+
+async def run_column(engine: AsyncEngine, column: str, run_id: str) -> Any:
+    async with engine.connect() as connection:
+        found = await connection.execute(
+            sql(f"SELECT {column} FROM runs WHERE id = :r"), {"r": run_id}
+        )
+        return found.scalar_one()
+
+
+async def approval_row(engine: AsyncEngine, workspace: str) -> tuple[Any, ...]:
+    async with engine.connect() as connection:
+        found = await connection.execute(
+            sql("SELECT arguments_preview, reason FROM approvals WHERE workspace = :w"),
+            {"w": workspace},
+        )
+        return tuple(found.one())
+
+
+async def runs_and_approvals(engine: AsyncEngine, workspace: str) -> list[list[tuple[Any, ...]]]:
+    queries = [
+        "SELECT * FROM runs WHERE workspace = :w ORDER BY id",
+        "SELECT * FROM run_steps WHERE workspace = :w ORDER BY position",
+        "SELECT * FROM approvals WHERE workspace = :w ORDER BY id",
+    ]
+    async with engine.connect() as connection:
+        return [
+            [tuple(r) for r in (await connection.execute(sql(q), {"w": workspace})).all()]
+            for q in queries
+        ]
 
 
 # ---------------------------------------------------------------------------- the command
@@ -635,6 +876,7 @@ async def test_audit_forget_command(
     assert "forgot 'max'" in done.stdout
     assert "destroyed key" in done.stdout
     assert "now read as [erased];" in done.stdout  # printed as text, not taken for markup
+    assert "removed 0 live output message(s) of their runs" in done.stdout  # ran no agent
     await asyncio.sleep(0.1)
     assert (await sealed.load(session)).events[-1].event.text == ERASED  # type: ignore[attr-defined]
 

@@ -387,6 +387,7 @@ async def test_forgetting_a_data_subject_over_http(api: Api) -> None:
     answer = done.json()
     assert answer["outcome"] == "destroyed"
     assert len(answer["key_id"]) == 16
+    assert answer["live_purged"] == 0  # the session has no agent: no run, no live output
     listed = await api.call(
         "GET",
         f"/v1/workspaces/acme/sessions/s1/messages?min_position={answer['position']}",

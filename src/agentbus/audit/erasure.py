@@ -51,7 +51,7 @@ from agentbus.events.catalog import default_registry
 from agentbus.events.envelope import CloudEvent, EventContext
 from agentbus.events.privacy import Personal, SubjectForgotten, personal_types, subject_digest
 from agentbus.events.registry import DomainEvent, EventRegistry
-from agentbus.events.subjects import AggregateRef
+from agentbus.events.subjects import EVENTS_PREFIX, LIVE_PREFIX, LIVE_STREAM, AggregateRef
 from agentbus.settings import SUBJECT_KEY_CACHE, Settings
 from agentbus.store.eventstore import EventStore
 
@@ -532,6 +532,8 @@ class Forgotten:
     """The position of the `SubjectForgotten` appended now, else None."""
     forgotten_at: datetime | None = None
     """When it had been forgotten before (`already_forgotten`)."""
+    live_purged: int = 0
+    """Messages of the subject's runs' live output removed from LIVE (`purge_live_output`)."""
 
 
 async def forget(
@@ -559,7 +561,9 @@ async def forget(
         history = await store.load(ref)
         last = history.events[-1] if history.events else None
         if last is not None and last.time >= step.purged_at:
-            return Forgotten("already_forgotten", None, None, last.time)
+            # A forget stopped after its event, before or during the purge: finish that too.
+            purged = await purge_live_output(store, workspace, subject)
+            return Forgotten("already_forgotten", None, None, last.time, purged)
         outcome: Outcome = "completed"
     else:
         outcome = "destroyed"
@@ -567,7 +571,34 @@ async def forget(
         await asyncio.sleep(settle)
     context = EventContext(source="agentbus/audit", actor=by)
     result = await store.append(ref, [event_], context=context)
-    return Forgotten(outcome, step.destroyed, result.last_position)
+    purged = await purge_live_output(store, workspace, subject)
+    return Forgotten(outcome, step.destroyed, result.last_position, live_purged=purged)
+
+
+async def purge_live_output(store: EventStore, workspace: str, subject: str) -> int:
+    """Remove from LIVE the output of every run of `subject` that still has some there (token
+    deltas and progress, which repeat the run's input and answer in clear, kept for LIVE's
+    `max_age`); how many messages were removed.
+
+    The runs are found from LIVE itself (the run ids its subjects name in the workspace), and
+    each run's author from its `queued` event, where the author is in clear: no time window
+    to guess, whatever the age of a run still writing."""
+    live = store.on_stream(LIVE_STREAM)
+    runs = {
+        subject_.split(".")[3]
+        for subject_ in await live.subjects(f"{LIVE_PREFIX}.{workspace}.run.*.*")
+    }
+    theirs = []
+    for run_id in sorted(runs):
+        queued = await store.last_on(f"{EVENTS_PREFIX}.{workspace}.run.{run_id}.queued")
+        if queued is not None and orjson.loads(queued).get("data", {}).get("author") == subject:
+            theirs.append(run_id)
+    purged = 0
+    for run_id in theirs:
+        purged += await live.purge(f"{LIVE_PREFIX}.{workspace}.run.{run_id}.>")
+    if theirs:
+        log.info("live output purged", workspace=workspace, runs=len(theirs), messages=purged)
+    return purged
 
 
 async def open_sealed_store(nc: NATS, settings: Settings) -> EventStore:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Final
 
-import orjson
 import structlog
 from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -34,7 +33,7 @@ from agentbus.audit.chain import Checkpoint, NotaryKey, link_of_digest, payload_
 from agentbus.audit.records import ChainRecord, FencedOut, Head
 from agentbus.db.engine import driver_connection
 from agentbus.db.leadership import Leadership, leadership, sleep_or_stop
-from agentbus.errors import AuditError, StoreUnavailable
+from agentbus.errors import AuditError
 from agentbus.events.subjects import EVENTS_PREFIX
 from agentbus.runtime.secrets import shared_secret
 from agentbus.store.batches import Batches, ReaderEnded
@@ -185,16 +184,10 @@ class Notary:
             self._on_progress(head.position)
 
 
-async def stream_subjects(nc: NATS, stream: str) -> tuple[str, ...]:
-    """The subjects `stream` captures (what the notary and verify read: the whole stream)."""
-    try:
-        reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5.0)
-    except Exception as exc:
-        raise StoreUnavailable(f"stream info of {stream}: {type(exc).__name__}") from exc
-    info = orjson.loads(reply.data)
-    if "error" in info:
-        raise AuditError(f"stream {stream}: {info['error'].get('description')}")
-    return tuple(info["config"]["subjects"])
+async def stream_subjects(store: EventStore) -> tuple[str, ...]:
+    """The subjects the store's stream captures (what the notary and verify read: the whole
+    stream). `StoreUnavailable` when JetStream does not answer, or has no such stream."""
+    return tuple((await store.stream_info())["config"]["subjects"])
 
 
 async def notarize(
@@ -213,7 +206,7 @@ async def notarize(
         store,
         engine,
         await notary_key(nc),
-        subjects=await stream_subjects(nc, store.stream),
+        subjects=await stream_subjects(store),
         options=replace(options, checkpoint_interval=0.0),
     )
     stop = asyncio.Event()

@@ -83,7 +83,7 @@ async def _verify(
         store = EventStore(
             platform.nc, platform.store.registry, stream=stream, timeout=settings.store_timeout
         )
-        subjects = await stream_subjects(platform.nc, stream)
+        subjects = await stream_subjects(store)
         with Progress(
             TextColumn("[bold]verifying {task.description}"),
             BarColumn(),
@@ -295,22 +295,29 @@ def audit_forget(
         case "destroyed":
             out.print(
                 f"forgot {name}: destroyed key {done.key_id}; recorded at position "
-                f"{done.position}. Their sealed fields now read as [erased]; the messages "
-                "read model erases its copies when it reaches that position.",
+                f"{done.position}; removed {done.live_purged} live output message(s) of "
+                "their runs. Their sealed fields now read as [erased]; the read models "
+                "erase their copies when they reach that position.",
                 highlight=False,
                 markup=False,
             )
         case "completed":
             out.print(
                 f"{name}: the key was already destroyed; recorded the erasure at position "
-                f"{done.position} (a forget that had stopped before recording it).",
+                f"{done.position} (a forget that had stopped before recording it); removed "
+                f"{done.live_purged} live output message(s) of their runs.",
                 highlight=False,
                 markup=False,
             )
         case "already_forgotten":
             out.print(
-                f"{name} was already forgotten (at {done.forgotten_at:%Y-%m-%d %H:%M:%S %Z}): "
-                "nothing to do.",
+                f"{name} was already forgotten (at {done.forgotten_at:%Y-%m-%d %H:%M:%S %Z})"
+                + (
+                    f"; removed {done.live_purged} live output message(s) of their runs "
+                    "left by a forget that had stopped."
+                    if done.live_purged
+                    else ": nothing to do."
+                ),
                 highlight=False,
                 markup=False,
             )

@@ -128,6 +128,8 @@ class ApprovalState:
     expires_at: datetime | None = None
     requested_by: str = ""
     verdict: Verdict | None = None
+    author: str | None = None
+    """Whose input the run works on: the data subject of the preview and the reason."""
 
     @property
     def pending(self) -> bool:
@@ -152,6 +154,7 @@ def evolve(state: ApprovalState, event: DomainEvent) -> ApprovalState:
                 reason=event.reason,
                 expires_at=event.expires_at,
                 requested_by=event.requested_by,
+                author=event.author,
             )
         case ApprovalGranted() | ApprovalDenied():
             outcome: Outcome = "granted" if isinstance(event, ApprovalGranted) else "denied"
@@ -188,6 +191,8 @@ class AskApproval:
     session_id: str | None = None
     rules: RuleVerdict = RuleVerdict("ask")
     """allow / deny: decided at once by that rule (in the same atomic append)."""
+    author: str | None = None
+    """Whose input the run works on: the preview and the reason are sealed with their key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +270,7 @@ def decide(command: ApprovalCommand, state: ApprovalState) -> list[DomainEvent]:
                     reason=command.reason,
                     expires_at=command.expires_at,
                     requested_by=command.requested_by,
+                    author=command.author,
                 )
             ]
             rules = command.rules

@@ -266,6 +266,7 @@ def decide(command: RunCommand, state: RunState) -> list[DomainEvent]:
                         retryable=False,
                         message=f"worker {state.worker} stopped renewing its lease; "
                         f"no attempts left ({state.max_attempts})",
+                        author=state.author,
                     )
                 ]
             return [RunStarted(attempt=attempt, worker=command.worker)]
@@ -273,7 +274,10 @@ def decide(command: RunCommand, state: RunState) -> list[DomainEvent]:
             _require_attempt(state, command.attempt, "request approval for", ("running",))
             return [
                 RunWaitingApproval(
-                    approval_id=command.approval_id, tool=command.tool, reason=command.reason
+                    approval_id=command.approval_id,
+                    tool=command.tool,
+                    reason=command.reason,
+                    author=state.author,
                 )
             ]
         case Resume():
@@ -297,6 +301,7 @@ def decide(command: RunCommand, state: RunState) -> list[DomainEvent]:
                         at=at,
                         error_class=command.error_class,
                         message=command.message,
+                        author=state.author,
                     )
                 ]
             return [
@@ -305,6 +310,7 @@ def decide(command: RunCommand, state: RunState) -> list[DomainEvent]:
                     error_class=command.error_class,
                     message=command.message,
                     retryable=command.retryable,
+                    author=state.author,
                 )
             ]
         case Cancel():

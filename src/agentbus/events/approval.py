@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agentbus.events.privacy import Personal
 from agentbus.events.registry import DomainEvent, EventKind
 
 Decision = Literal["granted", "denied"]
@@ -34,6 +35,11 @@ class ApprovalRequested(DomainEvent):
     """A run asks to use a tool with these arguments, until `expires_at`."""
 
     kind: ClassVar[EventKind] = EventKind("approval", "requested", 1)
+    # A tool's arguments (and the agent's reason) are built from the run's input: sealed with
+    # its author's key (docs/erasure.md).
+    personal: ClassVar[Personal] = Personal(
+        fields=("arguments_preview", "reason"), subject="author"
+    )
 
     run_id: str = _ID
     attempt: int = Field(ge=1)
@@ -49,6 +55,11 @@ class ApprovalRequested(DomainEvent):
     reason: str | None = _REASON
     expires_at: datetime
     requested_by: str = _ACTOR
+    author: str | None = Field(
+        default=None,
+        max_length=200,
+        description="whose input the run works on (the data subject of the sealed fields)",
+    )
 
 
 class ApprovalGranted(DomainEvent):

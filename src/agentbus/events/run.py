@@ -14,6 +14,11 @@ ErrorClass = Literal[
     "timeout", "network", "http_status", "executor", "protocol", "budget_exhausted", "lease_lost"
 ]
 _ID = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+_AUTHOR = Field(
+    default=None,
+    max_length=200,
+    description="whose input the run works on (the data subject of the sealed fields)",
+)
 
 
 class RunQueued(DomainEvent):
@@ -46,10 +51,13 @@ class RunStarted(DomainEvent):
 
 class RunWaitingApproval(DomainEvent):
     kind: ClassVar[EventKind] = EventKind("run", "waiting_approval", 1)
+    # The agent's reason may quote the input: sealed with the input's author's key.
+    personal: ClassVar[Personal] = Personal(fields=("reason",), subject="author")
 
     approval_id: str = _ID
     tool: str = Field(min_length=1, max_length=200)
     reason: str | None = Field(default=None, max_length=2000)
+    author: str | None = _AUTHOR
 
 
 class RunResumed(DomainEvent):
@@ -75,22 +83,27 @@ class RunSucceeded(DomainEvent):
 
 class RunFailed(DomainEvent):
     kind: ClassVar[EventKind] = EventKind("run", "failed", 1)
+    # An executor's error can quote what it was sent: sealed with the input's author's key.
+    personal: ClassVar[Personal] = Personal(fields=("message",), subject="author")
 
     attempt: int = Field(ge=1)
     error_class: ErrorClass
     message: str = Field(max_length=4000)
     retryable: bool
+    author: str | None = _AUTHOR
 
 
 class RunRetryScheduled(DomainEvent):
     """A retryable failure with attempts left: attempt `attempt` may start at `at`."""
 
     kind: ClassVar[EventKind] = EventKind("run", "retry_scheduled", 1)
+    personal: ClassVar[Personal] = Personal(fields=("message",), subject="author")
 
     attempt: int = Field(ge=2)
     at: datetime
     error_class: ErrorClass
     message: str = Field(max_length=4000)
+    author: str | None = _AUTHOR
 
 
 class RunCancelled(DomainEvent):

@@ -14,6 +14,8 @@ from agentbus.errors import InvalidEvent
 
 EVENTS_PREFIX = "evt"
 LIVE_PREFIX = "live"
+LIVE_STREAM = "LIVE"
+"""The stream of running agents' output: `live.<workspace>.run.<id>.<kind>` (streams/LIVE.toml)."""
 MAX_TOKEN_LENGTH = 64
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")

@@ -51,13 +51,12 @@ from agentbus.errors import AgentbusError, StoreUnavailable
 from agentbus.events.registry import EventKind, EventRegistry
 from agentbus.events.run import RunCancelled, RunFailed, RunSucceeded, RunTimedOut
 from agentbus.events.session import RunAssigned, RunReleased
-from agentbus.events.subjects import EVENTS_PREFIX, LIVE_PREFIX, validate_token
+from agentbus.events.subjects import EVENTS_PREFIX, LIVE_PREFIX, LIVE_STREAM, validate_token
 from agentbus.gateway.cursors import BadStreamCursor, Cursor, CursorCodec, epoch_of
 from agentbus.runtime.secrets import shared_secret
 from agentbus.settings import Settings
 from agentbus.store.eventstore import EventStore, RawEvent
 
-LIVE_STREAM: Final = "LIVE"
 CURSOR_SECRET: Final = "sse_cursor"
 LIVE_TYPES: Final = {"delta": "agentbus.run.delta.v1", "progress": "agentbus.run.progress.v1"}
 """CloudEvents types of a run's live output (LIVE stream; not durable, not in the registry)."""

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import orjson
 
 from agentbus.audit.sealing import ERASED
-from agentbus.events.privacy import SubjectForgotten
+from agentbus.events.privacy import Personal, SubjectForgotten
 from agentbus.events.registry import DomainEvent
 from agentbus.events.run import (
     RunCancelled,
@@ -51,6 +51,7 @@ TRANSITION = Statement(
               finished_at = coalesce($6, finished_at),
               error_class = CASE WHEN $7::text IS NOT NULL THEN $7 ELSE error_class END,
               error_message = CASE WHEN $7::text IS NOT NULL THEN $8 ELSE error_message END,
+              error_sealed_at = CASE WHEN $7::text IS NOT NULL THEN $13 ELSE error_sealed_at END,
               retry_at = $9,
               output = coalesce($10, output),
               position = $11,
@@ -65,18 +66,28 @@ ADD_USAGE = Statement(
 )
 
 
-ERASE_OUTPUT = Statement(
-    "erase_output",
-    # As the sessions projection erases messages: only what was written before the erasure.
-    f"""UPDATE {{runs}} SET output = '{ERASED}'
-         WHERE workspace = $1 AND author = $2 AND position < $3
-           AND output IS NOT NULL AND output <> '{ERASED}'""",
+ERASE_SUBJECT = Statement(
+    "erase_subject",
+    # As the sessions projection erases messages: only what was written before the erasure,
+    # judged by the position that wrote it (`position` for the output, which only the last
+    # transition writes; `error_sealed_at` for the error, which later transitions keep), so
+    # the result does not depend on where batches are cut.
+    f"""UPDATE {{runs}}
+           SET output = CASE WHEN output IS NOT NULL AND position < $3
+                             THEN '{ERASED}' ELSE output END,
+               error_message = CASE WHEN error_sealed_at < $3
+                                    THEN '{ERASED}' ELSE error_message END
+         WHERE workspace = $1 AND author = $2
+           AND ((output IS NOT NULL AND output <> '{ERASED}' AND position < $3)
+                OR (error_sealed_at < $3 AND error_message <> '{ERASED}'))""",
 )
 
 
 class RunsProjection(Projection):
     name: ClassVar[str] = "runs"
-    version: ClassVar[int] = 2  # 2: runs.author (a forgotten subject's outputs are erased)
+    # 2: runs.author (a forgotten subject's outputs are erased); 3: runs.error_sealed_at
+    # (their error messages too)
+    version: ClassVar[int] = 3
     tables: ClassVar[tuple[str, ...]] = ("runs", "run_steps")
     schema: ClassVar[tuple[str, ...]] = (
         """CREATE TABLE {runs} (
@@ -102,6 +113,7 @@ class RunsProjection(Projection):
                position      bigint      NOT NULL,
                updated_at    timestamptz,
                author        text,
+               error_sealed_at bigint,
                PRIMARY KEY (workspace, id))""",
         "CREATE INDEX ON {runs} (workspace, queued_at DESC, id)",
         "CREATE INDEX ON {runs} (workspace, session_id, queued_at)",
@@ -121,7 +133,7 @@ class RunsProjection(Projection):
         INSERT_STEP,
         TRANSITION,
         ADD_USAGE,
-        ERASE_OUTPUT,
+        ERASE_SUBJECT,
     )
 
     def handlers(self) -> Mapping[type[DomainEvent], Handler]:
@@ -167,6 +179,7 @@ class RunsProjection(Projection):
         started = finished = retry_at = None
         error_class: str | None = None
         error_message: str | None = None
+        sealed_error = False  # the message is the author's personal data (a sealed field)
         output: str | None = None
         match event:
             case RunStarted():
@@ -178,12 +191,14 @@ class RunsProjection(Projection):
             case RunRetryScheduled():
                 status, retry_at = "retry_scheduled", event.at
                 error_class, error_message = event.error_class, event.message
+                sealed_error = True
                 attempt = event.attempt - 1
             case RunSucceeded():
                 status, finished, output = "succeeded", at, event.output
             case RunFailed():
                 status, finished = "failed", at
                 error_class, error_message = event.error_class, event.message
+                sealed_error = True
             case RunCancelled():
                 status, finished = "cancelled", at
                 error_class, error_message = "cancelled", event.reason or f"by {event.by}"
@@ -205,15 +220,16 @@ class RunsProjection(Projection):
             output,
             recorded.position,
             at,
+            recorded.position if sealed_error else None,
         )
-        yield _step(recorded, attempt, event.model_dump(mode="json", exclude={"output"}))
+        yield _step(recorded, attempt, event.model_dump(mode="json", exclude=_personal(event)))
 
     @staticmethod
     def forgotten(recorded: RecordedEvent) -> Iterator[Write]:
-        """A forgotten subject's runs keep no output (docs/erasure.md)."""
+        """A forgotten subject's runs keep no output and no error message (docs/erasure.md)."""
         event = recorded.event
         assert isinstance(event, SubjectForgotten)
-        yield ERASE_OUTPUT.row(recorded.ref.workspace, event.subject, recorded.position)
+        yield ERASE_SUBJECT.row(recorded.ref.workspace, event.subject, recorded.position)
 
     @staticmethod
     def usage(recorded: RecordedEvent) -> Iterator[Write]:
@@ -222,6 +238,13 @@ class RunsProjection(Projection):
         ref = recorded.ref
         yield ADD_USAGE.row(ref.workspace, ref.id, event.tokens_in, event.tokens_out, event.model)
         yield _step(recorded, None, event.model_dump(mode="json"))
+
+
+def _personal(event: DomainEvent) -> set[str]:
+    """The fields the turn ledger leaves out: the sealed ones (their plaintext is in the
+    events, under the subject's key, and the erasable columns of `runs`)."""
+    personal: Personal | None = getattr(event, "personal", None)
+    return set(personal.fields) if personal is not None else set()
 
 
 def _step(recorded: RecordedEvent, attempt: int | None, detail: Mapping[str, Any]) -> Write:

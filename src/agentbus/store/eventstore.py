@@ -185,6 +185,11 @@ class EventStore:
         """The JetStream stream this store reads and appends to."""
         return self._stream
 
+    def on_stream(self, stream: str) -> EventStore:
+        """A store of another stream on the same connection, with the same registry and
+        timeout, and no sealer (e.g. LIVE, whose messages are not events)."""
+        return EventStore(self._nc, self._registry, stream=stream, timeout=self._timeout)
+
     # ------------------------------------------------------------------ append
 
     async def append(
@@ -396,16 +401,52 @@ class EventStore:
 
     async def last_position(self) -> int:
         """The stream's last position (0 when empty)."""
+        return int((await self.stream_info())["state"]["last_seq"])
+
+    async def stream_info(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The stream as JetStream describes it (`$JS.API.STREAM.INFO`, decoded: its `config`,
+        `state`...; `request`, e.g. a `subjects_filter`, asks for more). Raises
+        `StoreUnavailable` when JetStream does not answer within the timeout, or answers with
+        an error (such as: no stream of that name)."""
+        return await self._api("STREAM.INFO", request, "stream info")
+
+    async def subjects(self, subject_filter: str) -> dict[str, int]:
+        """The stream's subjects matching `subject_filter` that hold messages, with how many
+        each (every page of JetStream's answer)."""
+        found: dict[str, int] = {}
+        while True:
+            request = {"subjects_filter": subject_filter, "offset": len(found)}
+            info = await self.stream_info(request)
+            page: dict[str, int] = info["state"].get("subjects") or {}
+            found.update(page)
+            if not page or len(found) >= int(info.get("total", 0)):
+                return found
+
+    async def purge(self, subject_filter: str) -> int:
+        """Remove every message of the stream on `subject_filter`; how many were removed."""
+        reply = await self._api("STREAM.PURGE", {"filter": subject_filter}, "purge")
+        return int(reply.get("purged", 0))
+
+    async def last_on(self, subject: str) -> bytes | None:
+        """The payload of the stream's last message on `subject` (None: there is none)."""
+        reply = await self._direct_get_one({"last_by_subj": subject}, subject)
+        return None if reply is None else reply.data
+
+    async def _api(self, call: str, request: dict[str, Any] | None, what: str) -> dict[str, Any]:
+        """One request to the JetStream API about this stream, its answer decoded."""
+        body = b"" if request is None else orjson.dumps(request)
         try:
             reply = await self._nc.request(
-                f"$JS.API.STREAM.INFO.{self._stream}", b"", timeout=self._timeout
+                f"$JS.API.{call}.{self._stream}", body, timeout=self._timeout
             )
         except _TRANSPORT_ERRORS as exc:
-            raise StoreUnavailable(f"stream info of {self._stream} timed out") from exc
-        info = orjson.loads(reply.data)
-        if "error" in info:
-            raise StoreUnavailable(f"stream {self._stream}: {info['error'].get('description')}")
-        return int(info["state"]["last_seq"])
+            raise StoreUnavailable(f"{what} of {self._stream} timed out") from exc
+        answer: dict[str, Any] = orjson.loads(reply.data)
+        if "error" in answer:
+            raise StoreUnavailable(
+                f"{what} of stream {self._stream}: {answer['error'].get('description')}"
+            )
+        return answer
 
     async def read(
         self,

@@ -167,6 +167,7 @@ class ApprovalGate:
             reason=reason,
             session_id=state.session_id,
             rules=evaluate(await approval_rules(self._store, approval.workspace), tool, arguments),
+            author=state.author,
         )
         done = await handle(self._store, APPROVAL, approval, command, context=self._context)
         return done.state
@@ -222,7 +223,9 @@ class ApprovalGate:
                 self._store,
                 SESSION,
                 session,
-                SendMessage(notice_id, "agentbus", text, run_id=state.run_id),
+                SendMessage(
+                    notice_id, "agentbus", text, run_id=state.run_id, recipient=state.author
+                ),
                 context=self._context,
                 event_ids=[notice_id],
             )

@@ -1,9 +1,10 @@
 """Forgetting a data subject over HTTP: what `agentbus audit forget` does (docs/erasure.md).
 
 Destroys the subject's key (their sealed fields read as `[erased]` everywhere from then on),
-waits a second for every process to drop it, then records `SubjectForgotten` (the read models
-erase their copies when they reach it). Irreversible, so it takes a workspace admin (or, for a
-user's own data in `_system`, a system key). Idempotent: repeating it answers what was done."""
+waits a second for every process to drop it, records `SubjectForgotten` (the read models erase
+their copies when they reach it) and removes their runs' live output from LIVE. Irreversible,
+so it takes a workspace admin (or, for a user's own data in `_system`, a system key).
+Idempotent: repeating it answers what was done."""
 
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ class ForgetAnswer(BaseModel):
     forgotten_at: datetime | None = Field(
         description="when it had been forgotten (already_forgotten only)"
     )
+    live_purged: int = Field(
+        description="messages of their runs' live output (token deltas, progress) removed "
+        "from the LIVE stream"
+    )
 
 
 @router.post(
@@ -105,4 +110,5 @@ def _answer(done: Forgotten) -> ForgetAnswer:
         key_id=done.key_id,
         position=done.position,
         forgotten_at=done.forgotten_at,
+        live_purged=done.live_purged,
     )
