@@ -11,7 +11,7 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
-from agentbus.errors import ConcurrencyConflict, InvalidEvent, StoreUnavailable
+from agentbus.errors import ConcurrencyConflict, InvalidEvent, StoreUnavailable, StreamNotFound
 from agentbus.events import AggregateRef, CloudEvent, EventContext
 from agentbus.events.catalog import default_registry
 from agentbus.events.session import MessageReceived, MessageSent, SessionClosed, SessionOpened
@@ -345,3 +345,28 @@ async def test_nats_down_gives_store_unavailable_quickly_then_recovers(
     finally:
         await client.close()
         server.stop()
+
+
+async def test_stream_admin_calls_on_another_stream(nc: NATS, store: EventStore) -> None:
+    """`on_stream`, `stream_info`, `subjects`, `last_on`, `purge` (what `forget` uses on LIVE),
+    and a missing stream named as such (what `/readyz` reports)."""
+    name = f"SCRATCH_{time.monotonic_ns()}"
+    prefix = name.lower()
+    await nc.jetstream().add_stream(name=name, subjects=[f"{prefix}.>"], allow_direct=True)
+    try:
+        for n, subject in enumerate(["a.x", "a.y", "a.y", "b.x"]):
+            await nc.jetstream().publish(f"{prefix}.{subject}", f"m{n}".encode())
+        scratch = store.on_stream(name, timeout=2.0)
+        assert scratch.stream == name
+        assert (await scratch.stream_info())["state"]["messages"] == 4
+        assert await scratch.subjects(f"{prefix}.a.*") == {f"{prefix}.a.x": 1, f"{prefix}.a.y": 2}
+        assert await scratch.last_on(f"{prefix}.a.y") == b"m2"
+        assert await scratch.last_on(f"{prefix}.c.z") is None
+        assert await scratch.purge(f"{prefix}.a.>") == 3
+        assert await scratch.subjects(f"{prefix}.>") == {f"{prefix}.b.x": 1}
+    finally:
+        await nc.jetstream().delete_stream(name)
+    with pytest.raises(StreamNotFound, match=name):
+        await store.on_stream(name).stream_info()
+    with pytest.raises(StreamNotFound):
+        await store.on_stream(name).purge(">")

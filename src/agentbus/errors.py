@@ -39,6 +39,11 @@ class StoreUnavailable(AgentbusError):
     """
 
 
+class StreamNotFound(StoreUnavailable):
+    """JetStream answered that the stream does not exist (not created yet, or deleted): run
+    `agentbus streams apply`."""
+
+
 class StreamConfigError(AgentbusError):
     """A stream definition in streams/ is invalid, or applying it would be destructive."""
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
-import orjson
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
 from agentbus import __version__
+from agentbus.errors import StoreUnavailable, StreamNotFound
 from agentbus.gateway.auth import Identities
 from agentbus.gateway.ingest import FastIngest
 from agentbus.gateway.limits import BodyLimit, RateLimiter
@@ -146,10 +145,9 @@ async def readiness(platform: Platform, timeout: float = 2.0) -> dict[str, str]:
 
 async def _stream_state(platform: Platform, stream: str, timeout: float) -> str:
     try:
-        reply = await platform.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=timeout)
-    except Exception as exc:
-        return f"no answer: {type(exc).__name__}"
-    info: dict[str, Any] = orjson.loads(reply.data)
-    if "error" in info:
-        return f"missing ({info['error'].get('description', 'error')}): run agentbus streams apply"
+        await platform.store.on_stream(stream, timeout=timeout).stream_info()
+    except StreamNotFound as exc:
+        return f"missing ({exc}): run agentbus streams apply"
+    except StoreUnavailable as exc:
+        return f"no answer ({exc})"
     return "ok"

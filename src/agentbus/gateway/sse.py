@@ -220,9 +220,9 @@ class StreamStates:
     asks for a state fetched no earlier than a moment it names, and connections asking at
     once share one `STREAM.INFO` request."""
 
-    def __init__(self, nc: NATS, timeout: float) -> None:
-        self._nc = nc
-        self._timeout = timeout
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+        self._stores: dict[str, EventStore] = {}
         self._known: dict[str, StreamState] = {}
         self._asking: dict[str, tuple[float, asyncio.Task[StreamState]]] = {}
 
@@ -244,15 +244,10 @@ class StreamStates:
             del self._asking[stream]
 
     async def _ask(self, stream: str, asked: float) -> StreamState:
-        try:
-            reply = await self._nc.request(
-                f"$JS.API.STREAM.INFO.{stream}", b"", timeout=self._timeout
-            )
-        except Exception as exc:
-            raise StoreUnavailable(f"stream info of {stream} did not answer: {exc!r}") from exc
-        info: dict[str, Any] = orjson.loads(reply.data)
-        if "error" in info:
-            raise StoreUnavailable(f"stream {stream}: {info['error'].get('description')}")
+        store = self._stores.get(stream)
+        if store is None:
+            store = self._stores[stream] = self._store.on_stream(stream)
+        info = await store.stream_info()
         numbers = info["state"]
         state = StreamState(
             epoch_of(info["created"]), int(numbers["first_seq"]), int(numbers["last_seq"]), asked
@@ -968,7 +963,7 @@ class Bridge:
     ) -> Bridge:
         codec = CursorCodec(await shared_secret(nc, CURSOR_SECRET))
         live = EventStore(nc, events.registry, stream=live_stream, timeout=settings.store_timeout)
-        states = StreamStates(nc, settings.store_timeout)
+        states = StreamStates(live)
         return cls(events, live, codec, states, SseOptions.of(settings))
 
     def end_streams(self) -> None:

@@ -39,6 +39,7 @@ from agentbus.errors import (
     ConcurrencyConflict,
     InvalidEvent,
     StoreUnavailable,
+    StreamNotFound,
     SubjectKeyUnavailable,
 )
 from agentbus.events.envelope import CloudEvent, EventContext, utcnow, uuid7
@@ -61,6 +62,8 @@ _BATCH_DUPLICATE_ID = 10201
 _LAST_SEQ = re.compile(r"wrong last sequence: (\d+)")
 _NO_RESPONDERS = "503"
 _TRANSPORT_ERRORS = (NatsTimeout, asyncio.TimeoutError, NoRespondersError, ConnectionClosedError)
+_STREAM_NOT_FOUND: Final = 10059
+"""JetStream's error code for "stream not found"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +188,10 @@ class EventStore:
         """The JetStream stream this store reads and appends to."""
         return self._stream
 
-    def on_stream(self, stream: str) -> EventStore:
+    def on_stream(self, stream: str, *, timeout: float | None = None) -> EventStore:
         """A store of another stream on the same connection, with the same registry and
-        timeout, and no sealer (e.g. LIVE, whose messages are not events)."""
-        return EventStore(self._nc, self._registry, stream=stream, timeout=self._timeout)
+        timeout (unless given), and no sealer (e.g. LIVE, whose messages are not events)."""
+        return EventStore(self._nc, self._registry, stream=stream, timeout=timeout or self._timeout)
 
     # ------------------------------------------------------------------ append
 
@@ -406,8 +409,8 @@ class EventStore:
     async def stream_info(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
         """The stream as JetStream describes it (`$JS.API.STREAM.INFO`, decoded: its `config`,
         `state`...; `request`, e.g. a `subjects_filter`, asks for more). Raises
-        `StoreUnavailable` when JetStream does not answer within the timeout, or answers with
-        an error (such as: no stream of that name)."""
+        `StreamNotFound` when there is no such stream, `StoreUnavailable` when JetStream does
+        not answer within the timeout or answers with another error."""
         return await self._api("STREAM.INFO", request, "stream info")
 
     async def subjects(self, subject_filter: str) -> dict[str, int]:
@@ -442,10 +445,12 @@ class EventStore:
         except _TRANSPORT_ERRORS as exc:
             raise StoreUnavailable(f"{what} of {self._stream} timed out") from exc
         answer: dict[str, Any] = orjson.loads(reply.data)
-        if "error" in answer:
-            raise StoreUnavailable(
-                f"{what} of stream {self._stream}: {answer['error'].get('description')}"
-            )
+        error = answer.get("error")
+        if error is not None:
+            message = f"{what} of stream {self._stream}: {error.get('description')}"
+            if error.get("err_code") == _STREAM_NOT_FOUND:
+                raise StreamNotFound(message)
+            raise StoreUnavailable(message)
         return answer
 
     async def read(
