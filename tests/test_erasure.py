@@ -576,6 +576,59 @@ async def test_the_key_cache_is_bounded_and_every_read_path_reloads_what_it_let_
         await tiny.close()
 
 
+async def test_keys_created_elsewhere_never_push_out_the_keys_a_process_uses(
+    sealed: EventStore, nc: NATS, workspace: str
+) -> None:
+    """The watcher hears every key created in the cluster. One created elsewhere is cached
+    only while there is room, as the least recently used: the keys this process uses stay."""
+    session = AggregateRef(workspace, "session", "s1")
+    await sealed.append(session, [SessionOpened(channel="web")], expect=NO_EVENTS)
+
+    async def say(author: str) -> None:
+        await sealed.append(
+            session, [MessageReceived(message_id=author, author=author, text=f"{author} here")]
+        )
+
+    await say("ada")
+    await say("bob")
+    tiny = await Sealer.open(nc, REGISTRY, cached_keys=3)
+    try:
+        here = EventStore(nc, REGISTRY, timeout=5.0, sealer=tiny)
+        await here.load(session)  # this process uses ada's and bob's keys
+        held = lambda: set(tiny._by_digest)  # noqa: E731
+        ada, bob, carl = (subject_digest(workspace, s) for s in ("ada", "bob", "carl"))
+        assert held() == {ada, bob}
+
+        async def until(condition: Any, what: str) -> None:
+            deadline = time.monotonic() + 5
+            while not condition():
+                assert time.monotonic() < deadline, what
+                await asyncio.sleep(0.005)
+
+        await say("carl")  # created by the other process: room for it, at the cold end
+        await until(lambda: carl in held(), "the watcher did not hear carl's key")
+        assert next(iter(tiny._by_digest)) == carl  # the least recently used
+        await say("dan")  # no room: heard, not cached
+        await say("eve")
+        sealer = sealed.sealer
+        assert sealer is not None
+        await forget(sealed, sealer, workspace, "carl", by="dpo", settle=0)
+        # The watcher hears in order: once carl's purge is heard, dan and eve were too.
+        await until(lambda: carl not in held(), "the watcher did not hear carl's purge")
+        assert held() == {ada, bob}
+        texts = {e.event.message_id: e.event.text for e in (await here.load(session)).events[1:]}  # type: ignore[attr-defined]
+        assert texts == {
+            "ada": "ada here",
+            "bob": "bob here",
+            "carl": ERASED,
+            "dan": "dan here",
+            "eve": "eve here",
+        }
+        assert tiny.cached_keys <= 3
+    finally:
+        await tiny.close()
+
+
 async def test_an_auto_replied_message_is_sealed_wherever_it_is_copied(
     private_store: EventStore,
 ) -> None:

@@ -389,11 +389,20 @@ class Sealer:
         assert msg.data is not None
         return _Stored(SubjectKey.from_stored(msg.data), msg.seq or 0, None)
 
-    def _remember(self, digest: str, key: SubjectKey) -> None:
+    def _remember(self, digest: str, key: SubjectKey, *, heard: bool = False) -> None:
+        """Cache `key` as the most recently used. A key only `heard` from the watcher (created
+        elsewhere, not used here yet) is cached as the least recently used, and only while
+        there is room: keys created anywhere in the cluster never push out the keys this
+        process uses. It moves up when used."""
+        cold = heard and digest not in self._by_digest
+        if cold and len(self._by_digest) >= self._max:
+            return  # read from the bucket if this process ever needs it
         old = self._by_digest.pop(digest, None)
         if old is not None and old.key.key_id != key.key_id:
             self._mark_destroyed(old.key.key_id)
         self._by_digest[digest] = _Cached(key, time.monotonic())
+        if cold:
+            self._by_digest.move_to_end(digest, last=False)
         self._keys[key.key_id] = key
         self._digest_of[key.key_id] = digest
         while len(self._by_digest) > self._max:  # pushed out: read again when next needed
@@ -426,7 +435,8 @@ class Sealer:
             self._drop(digest)
             return
         try:
-            self._remember(digest, SubjectKey.from_stored(msg.data))  # saves a round trip
+            # Saves a reader of this subject's first events a round trip.
+            self._remember(digest, SubjectKey.from_stored(msg.data), heard=True)
         except ValueError:
             log.warning("ignored a malformed subject key", digest=digest)
 
