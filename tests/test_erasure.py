@@ -23,7 +23,7 @@ from sqlalchemy import make_url
 from sqlalchemy import text as sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentbus.audit.erasure import BUCKET, KEYS_STREAM, Sealer, forget
+from agentbus.audit.erasure import BUCKET, KEYS_STREAM, Sealer, forget, purge_live_output
 from agentbus.audit.sealing import (
     ERASED,
     SubjectKey,
@@ -683,6 +683,7 @@ async def test_an_auto_replied_message_is_sealed_wherever_it_is_copied(
         assert {s.split(".")[3] for s in left} == {bobs_reply.run_id}  # bob's output stays
         again = await forget(store, sealer, "acme", "ada", by="dpo", settle=0)
         assert (again.outcome, again.live_purged) == ("already_forgotten", 0)
+        assert await purge_live_output(store, "acme", "bob", stream="NO_SUCH_STREAM") == 0
         inputs = [
             getattr(e.event, "input", None) or getattr(e.event, "text", None)
             for e in [*(await store.load(session)).events, *(await store.load(run)).events]

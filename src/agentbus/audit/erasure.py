@@ -46,7 +46,7 @@ from agentbus.audit.sealing import (
     open_data,
     sealed_key_id,
 )
-from agentbus.errors import StoreUnavailable, SubjectKeyUnavailable
+from agentbus.errors import StoreUnavailable, StreamNotFound, SubjectKeyUnavailable
 from agentbus.events.catalog import default_registry
 from agentbus.events.envelope import CloudEvent, EventContext
 from agentbus.events.privacy import Personal, SubjectForgotten, personal_types, subject_digest
@@ -585,19 +585,22 @@ async def forget(
     return Forgotten(outcome, step.destroyed, result.last_position, live_purged=purged)
 
 
-async def purge_live_output(store: EventStore, workspace: str, subject: str) -> int:
+async def purge_live_output(
+    store: EventStore, workspace: str, subject: str, *, stream: str = LIVE_STREAM
+) -> int:
     """Remove from LIVE the output of every run of `subject` that still has some there (token
     deltas and progress, which repeat the run's input and answer in clear, kept for LIVE's
     `max_age`); how many messages were removed.
 
     The runs are found from LIVE itself (the run ids its subjects name in the workspace), and
     each run's author from its `queued` event, where the author is in clear: no time window
-    to guess, whatever the age of a run still writing."""
-    live = store.on_stream(LIVE_STREAM)
-    runs = {
-        subject_.split(".")[3]
-        for subject_ in await live.subjects(f"{LIVE_PREFIX}.{workspace}.run.*.*")
-    }
+    to guess, whatever the age of a run still writing. No LIVE stream: nothing to purge."""
+    live = store.on_stream(stream)
+    try:
+        streamed = await live.subjects(f"{LIVE_PREFIX}.{workspace}.run.*.*")
+    except StreamNotFound:
+        return 0
+    runs = {subject_.split(".")[3] for subject_ in streamed}
     theirs = []
     for run_id in sorted(runs):
         queued = await store.last_on(f"{EVENTS_PREFIX}.{workspace}.run.{run_id}.queued")
