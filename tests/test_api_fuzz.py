@@ -246,6 +246,7 @@ def _schema(examples: int, parameters: dict[str, Any] | None = None) -> Any:
 # schemathesis 4.32 renames test nodes through `Function._nodeid`, gone in pytest 9.2.)
 # The owner's requests reach the domain and the read models: most examples go there. Elsewhere
 # most requests stop at authentication or authorization, which fewer examples cover.
+# (schemathesis types `parametrize()` as returning a bare `Callable`: hence the ignores below.)
 in_the_workspace = _schema(15, {"ws": WORKSPACE})
 anywhere = _schema(8)
 
@@ -255,8 +256,8 @@ def test_the_fuzzed_document_is_the_served_one(live_api: LiveApi) -> None:
     assert served == _document()
 
 
-@in_the_workspace.parametrize()
-def test_as_a_workspace_owner(case: schemathesis.Case, live_api: LiveApi) -> None:
+@in_the_workspace.parametrize()  # type: ignore[untyped-decorator]
+def test_as_a_workspace_owner(case: schemathesis.Case[Any], live_api: LiveApi) -> None:
     case.call_and_validate(
         base_url=live_api.base_url,
         headers={"Authorization": f"Bearer {live_api.owner}"},
@@ -264,8 +265,8 @@ def test_as_a_workspace_owner(case: schemathesis.Case, live_api: LiveApi) -> Non
     )
 
 
-@anywhere.parametrize()
-def test_as_the_system_key(case: schemathesis.Case, live_api: LiveApi) -> None:
+@anywhere.parametrize()  # type: ignore[untyped-decorator]
+def test_as_the_system_key(case: schemathesis.Case[Any], live_api: LiveApi) -> None:
     case.call_and_validate(
         base_url=live_api.base_url,
         headers={"Authorization": f"Bearer {live_api.system}"},
@@ -273,6 +274,6 @@ def test_as_the_system_key(case: schemathesis.Case, live_api: LiveApi) -> None:
     )
 
 
-@anywhere.parametrize()
-def test_without_credentials(case: schemathesis.Case, live_api: LiveApi) -> None:
+@anywhere.parametrize()  # type: ignore[untyped-decorator]
+def test_without_credentials(case: schemathesis.Case[Any], live_api: LiveApi) -> None:
     case.call_and_validate(base_url=live_api.base_url, checks=CHECKS)

@@ -316,7 +316,7 @@ def test_rules_are_validated() -> None:
     with pytest.raises(ValidationError, match="not a regular expression"):
         ArgumentMatcher(key="command", pattern="(")
     with pytest.raises(ValidationError):
-        ApprovalRule(name="x", tool="shell", effect="maybe")  # type: ignore[arg-type]
+        ApprovalRule(name="x", tool="shell", effect="maybe")
     state = APPROVAL_RULES.fold([])
     with pytest.raises(InvalidRules, match="ls repeated"):
         APPROVAL_RULES.decide(SetApprovalRules((RULES[1], RULES[1]), "ada"), state)

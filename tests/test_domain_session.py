@@ -20,6 +20,7 @@ from agentbus.domain.session import (
 )
 from agentbus.events.registry import DomainEvent
 from agentbus.events.session import (
+    ConcurrencyPolicy,
     MessageReceived,
     MessageSent,
     RunAssigned,
@@ -74,8 +75,8 @@ def test_state() -> None:
 # ---------------------------------------------------------------------------- concurrency
 
 
-def opened(policy: str) -> SessionOpened:
-    return SessionOpened(channel="web", agent="echo", concurrency=policy)  # type: ignore[arg-type]
+def opened(policy: ConcurrencyPolicy) -> SessionOpened:
+    return SessionOpened(channel="web", agent="echo", concurrency=policy)
 
 
 def assigned(run_id: str) -> RunAssigned:

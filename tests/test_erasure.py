@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -595,11 +595,14 @@ async def test_keys_created_elsewhere_never_push_out_the_keys_a_process_uses(
     try:
         here = EventStore(nc, REGISTRY, timeout=5.0, sealer=tiny)
         await here.load(session)  # this process uses ada's and bob's keys
-        held = lambda: set(tiny._by_digest)  # noqa: E731
+
+        def held() -> set[str]:
+            return set(tiny._by_digest)
+
         ada, bob, carl = (subject_digest(workspace, s) for s in ("ada", "bob", "carl"))
         assert held() == {ada, bob}
 
-        async def until(condition: Any, what: str) -> None:
+        async def until(condition: Callable[[], bool], what: str) -> None:
             deadline = time.monotonic() + 5
             while not condition():
                 assert time.monotonic() < deadline, what

@@ -24,7 +24,7 @@ import pytest
 from agentbus.executors.catalog import make_executor
 from agentbus.executors.command import CommandExecutor
 from agentbus.executors.echo import EchoExecutor
-from agentbus.executors.executor import ChatTurn, ExecutorError, RunRequest
+from agentbus.executors.executor import ApprovalDecision, ChatTurn, ExecutorError, RunRequest
 from agentbus.executors.http import HttpExecutor
 from agentbus.executors.openai import OpenAIExecutor
 from agentbus.settings import AgentConfig
@@ -50,6 +50,12 @@ class Recorder:
 
     async def usage(self, model: str, tokens_in: int, tokens_out: int) -> None:
         self.usages.append((model, tokens_in, tokens_out))
+
+    async def request_approval(
+        self, tool: str, arguments: Mapping[str, Any], reason: str | None
+    ) -> ApprovalDecision:
+        # None of these executors is configured to ask (tests/test_approvals.py covers asking).
+        pytest.fail(f"unexpected approval request for {tool} {dict(arguments)}")
 
 
 def run_request(options: Mapping[str, Any], **fields: Any) -> RunRequest:

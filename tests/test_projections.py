@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
 
 from agentbus.db.engine import create_engine
 from agentbus.db.leadership import sleep_or_stop
@@ -31,7 +32,7 @@ from agentbus.projections.generations import (
     start_rebuild,
 )
 from agentbus.projections.health import classify, projection_health, prometheus_text
-from agentbus.projections.projection import Handler, Projection, Write
+from agentbus.projections.projection import Handler, PoisonPolicy, Projection, Write
 from agentbus.projections.runtime import Projector, RuntimeOptions
 from agentbus.projections.sessions import SessionsProjection
 from agentbus.queries.consistency import wait_for_position
@@ -194,8 +195,10 @@ async def test_an_idle_worker_gives_its_database_connection_back(
     last = await conversation(store, workspace, sessions=3, messages=5, seed=3)
     async with projecting(store, engine):
         await wait_for_position(engine, "sessions", last)
+        pool = engine.pool
+        assert isinstance(pool, QueuePool)  # the engine's default, which counts checkouts
         async with asyncio.timeout(10):
-            while engine.pool.checkedout() > 1:  # only the lock's connection stays out
+            while pool.checkedout() > 1:  # only the lock's connection stays out
                 await asyncio.sleep(0.05)
         ref = AggregateRef(workspace, "session", "later")
         later = await store.append(ref, [SessionOpened(channel="web")], expect=NO_EVENTS)
@@ -274,7 +277,7 @@ class Picky(SessionsProjection):
     """A sessions projection with a handler that refuses chosen texts, and halts on poison."""
 
     name: ClassVar[str] = "picky"
-    on_poison = "halt"
+    on_poison: ClassVar[PoisonPolicy] = "halt"
 
     def handlers(self) -> Mapping[type[DomainEvent], Handler]:
         def message(recorded: Any) -> Iterator[Write]:

@@ -228,7 +228,7 @@ def test_the_range_combines_cursor_positions_and_times() -> None:
     assert span(after=70, from_position=60, to_position=80) == ReplayRange(71, 80, bounded=True)
     assert span(to_position=500) == ReplayRange(1, 100, bounded=False)  # not reached yet
     moment = datetime(2025, 1, 1, tzinfo=UTC)
-    hour = {"since": moment, "until": moment + timedelta(hours=1)}
+    hour: dict[str, Any] = {"since": moment, "until": moment + timedelta(hours=1)}
     assert span(since_at=30, until_at=50, **hour) == ReplayRange(30, 49, bounded=True)
     assert span(after=35, since_at=30, until_at=50, **hour) == ReplayRange(36, 49, bounded=True)
     # nothing stored at or after `since` yet: empty; nor after `until`: up to the stream's end
