@@ -635,3 +635,19 @@ def _stable(body: Any) -> Any:
             k: v for k, v in body.items() if k not in ("id", "event_ids", "position", "run_id")
         } | {"run_id": body["run_id"] is not None}
     return body
+
+
+async def test_readiness_names_a_missing_stream(
+    private_store: EventStore, database_url: str
+) -> None:
+    """`/readyz` answers 503 naming the stream JetStream does not have, and what to run."""
+    async with gateway_in_process(private_store, database_url, Settings()) as gateway:
+        ready = await gateway.client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        await private_store._nc.jetstream().delete_stream("LIVE")
+        missing = await gateway.client.get("/readyz")
+    assert missing.status_code == 503
+    assert missing.headers["content-type"].startswith("application/problem+json")
+    assert "stream:LIVE: missing (" in missing.json()["detail"]
+    assert "run agentbus streams apply" in missing.json()["detail"]
+    assert "stream:EVENTS" not in missing.json()["detail"]

@@ -22,6 +22,7 @@ from agentbus.db.leadership import sleep_or_stop
 from agentbus.db.migrations import upgrade
 from agentbus.errors import ProjectionTimeout
 from agentbus.events import AggregateRef
+from agentbus.events.catalog import default_registry
 from agentbus.events.registry import DomainEvent
 from agentbus.events.session import MessageReceived, MessageSent, SessionClosed, SessionOpened
 from agentbus.projections.deadletters import list_dead_letters, retry_dead_letters
@@ -37,9 +38,36 @@ from agentbus.projections.runtime import Projector, RuntimeOptions
 from agentbus.projections.sessions import SessionsProjection
 from agentbus.queries.consistency import wait_for_position
 from agentbus.queries.sessions import get_session, list_messages
+from agentbus.runtime.embedded import EmbeddedNats
 from agentbus.store import NO_EVENTS, EventStore, Expect
 
+from .conftest import apply_project_streams, connect
+
 FAST = RuntimeOptions(batch_size=500, linger=0.01, lock_poll=0.2, scan_interval=0.2)
+
+
+@pytest.fixture(scope="module")
+async def module_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
+    """This module's own nats-server. A fresh projection reads the stream from position 1: on
+    the shared server, its catch-up would grow with every test that ran before (80k events
+    after the SSE and replay tests, too many to project in the waits here)."""
+    server = EmbeddedNats(tmp_path_factory.mktemp("projections-nats"), port=0)
+    server.start()
+    client = await connect(server.url)
+    try:
+        await apply_project_streams(client)
+    finally:
+        await client.close()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def store(module_nats: EmbeddedNats) -> AsyncIterator[EventStore]:
+    """The event store of this module's tests (see `module_nats`)."""
+    client = await connect(module_nats.url)
+    yield EventStore(client, default_registry(), timeout=5.0)
+    await client.close()
 
 
 @pytest.fixture
