@@ -17,6 +17,8 @@ import httpx
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentbus.events.catalog import default_registry
 from agentbus.runtime.embedded import EmbeddedNats, EmbeddedPostgres
@@ -172,3 +174,24 @@ async def stop_tasks(
             task.print_stack(file=sys.stderr)
         raise AssertionError(f"{len(pending)} task(s) did not stop within {within}s: {pending}")
     await asyncio.gather(*tasks)
+
+
+@contextlib.asynccontextmanager
+async def another_database(database_url: str, name: str) -> AsyncIterator[AsyncEngine]:
+    """A brand-new, migrated database `name` on the same server as `database_url`, as an
+    engine (disposed at the end): to compare read models built another way."""
+    from agentbus.db.engine import create_engine
+    from agentbus.db.migrations import upgrade
+
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    await upgrade(url)
+    engine = create_engine(url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()

@@ -12,10 +12,8 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentbus.db.engine import create_engine
@@ -56,6 +54,8 @@ from agentbus.store import EventStore
 from agentbus.store.eventstore import RecordedEvent
 from agentbus.workers.autoreply import AutoReply
 from agentbus.workers.runs import RunWorker
+
+from .conftest import another_database
 
 FAST = RuntimeOptions(batch_size=1000, linger=0.01, lock_poll=0.2, scan_interval=0.2)
 DAY = datetime(2026, 11, 21, 12, tzinfo=UTC)
@@ -507,24 +507,13 @@ async def test_a_daily_period_resets_and_the_read_models_show_both_days(
     ]
 
     # The batching rule: one event per batch gives the same tables as one big batch.
-    name = f"one_by_one_{workspace}"
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    await upgrade(url)
-    other = create_engine(url)
-    try:
+    async with another_database(database_url, f"one_by_one_{workspace}") as other:
         one = RuntimeOptions(batch_size=1, linger=0, lock_poll=0.2, scan_interval=0.2)
         async with projecting(store, other, one):
             await wait_for_position(other, "budgets", events[-1].position, timeout=20)
         for table in ("budgets", "budget_ledger"):
             sql = f"SELECT * FROM {table} WHERE workspace = :w ORDER BY 1, 2, 3"
             assert await rows(other, sql, w=workspace) == await rows(engine, sql, w=workspace)
-    finally:
-        await other.dispose()
 
 
 # ---------------------------------------------------------------------------- the load path

@@ -14,12 +14,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError, NotFoundError
-from sqlalchemy import make_url
 from sqlalchemy import text as sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,8 +31,6 @@ from agentbus.audit.sealing import (
     seal_value,
     sealed_key_id,
 )
-from agentbus.db.engine import create_engine
-from agentbus.db.migrations import upgrade
 from agentbus.domain.approval import (
     APPROVAL,
     AskApproval,
@@ -65,7 +61,7 @@ from agentbus.runtime.embedded import EmbeddedNats
 from agentbus.store import NO_EVENTS, EventStore
 from agentbus.store.eventstore import RawEvent
 
-from .conftest import connect
+from .conftest import another_database, connect
 from .test_projections import engine, fresh_rebuild_rows, projecting, table_rows
 from .test_runs import ECHO, workers
 
@@ -851,21 +847,10 @@ async def test_run_errors_and_approvals_in_the_read_models_are_erased_batch_inde
     assert "http_status" in ledger
 
     # One batch from scratch: the same rows.
-    name = f"rebuild_{workspace}"
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    await upgrade(url)
-    fresh = create_engine(url)
-    try:
+    async with another_database(database_url, f"rebuild_{workspace}") as fresh:
         async with projecting(sealed, fresh, models, lingering):
             await projected(fresh)
         assert await runs_and_approvals(fresh, workspace) == live
-    finally:
-        await fresh.dispose()
 
 
 async def run_column(engine: AsyncEngine, column: str, run_id: str) -> Any:

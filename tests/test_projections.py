@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
@@ -41,7 +40,7 @@ from agentbus.queries.sessions import get_session, list_messages
 from agentbus.runtime.embedded import EmbeddedNats
 from agentbus.store import NO_EVENTS, EventStore, Expect
 
-from .conftest import apply_project_streams, connect
+from .conftest import another_database, apply_project_streams, connect
 
 FAST = RuntimeOptions(batch_size=500, linger=0.01, lock_poll=0.2, scan_interval=0.2)
 
@@ -147,23 +146,10 @@ async def fresh_rebuild_rows(
     store: EventStore, database_url: str, workspace: str, last: int
 ) -> tuple[list[Any], list[Any]]:
     """The same events projected from scratch into a brand-new database."""
-    import asyncpg
-
-    admin = await asyncpg.connect(database_url)
-    name = f"rebuild_{workspace}"
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    await upgrade(url)
-    engine = create_engine(url)
-    try:
+    async with another_database(database_url, f"rebuild_{workspace}") as engine:
         async with projecting(store, engine):
             await wait_for_position(engine, "sessions", last, timeout=30)
         return await table_rows(engine, workspace)
-    finally:
-        await engine.dispose()
 
 
 # ---------------------------------------------------------------------------- read models
