@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
+import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -442,8 +443,10 @@ class EventStore:
             reply = await self._nc.request(
                 f"$JS.API.{call}.{self._stream}", body, timeout=self._timeout
             )
-        except _TRANSPORT_ERRORS as exc:
-            raise StoreUnavailable(f"{what} of {self._stream} timed out") from exc
+        except (TimeoutError, nats.errors.Error) as exc:  # any failure to get an answer
+            raise StoreUnavailable(
+                f"{what} of {self._stream} got no answer ({type(exc).__name__})"
+            ) from exc
         answer: dict[str, Any] = orjson.loads(reply.data)
         error = answer.get("error")
         if error is not None:
