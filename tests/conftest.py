@@ -133,10 +133,16 @@ class InProcessGateway:
 
 @contextlib.asynccontextmanager
 async def gateway_in_process(
-    store: EventStore, database_url: str, settings: Settings
+    store: EventStore,
+    database_url: str,
+    settings: Settings,
+    *,
+    rate: float = 1000,
+    burst: float = 1000,
 ) -> AsyncIterator[InProcessGateway]:
     """The gateway over `store` and `database_url` (migrated here), with its lifespan run, a
-    client for it and the bootstrap system key; the engine is disposed at the end."""
+    client for it and the bootstrap system key; the engine is disposed at the end. `rate` and
+    `burst`: the per-key rate limit."""
     from agentbus.cli.admin import bootstrap
     from agentbus.db.engine import create_engine
     from agentbus.db.migrations import upgrade
@@ -145,7 +151,7 @@ async def gateway_in_process(
     await upgrade(database_url)
     engine = create_engine(database_url)
     platform = Platform(settings, "nats://private", database_url, store._nc, store, engine)
-    app = create_app(platform, rate=1000, burst=1000)
+    app = create_app(platform, rate=rate, burst=burst)
     key = await bootstrap(store._nc, store)
     assert key is not None
     try:

@@ -40,18 +40,15 @@ from agentbus.events.run import RunResumed, RunStarted, RunWaitingApproval
 from agentbus.executors.executor import ApprovalDecision, RunRequest
 from agentbus.executors.openai import OpenAIExecutor
 from agentbus.projections.approvals import ApprovalsProjection
-from agentbus.projections.catalog import all_projections
 from agentbus.projections.runtime import Projector, RuntimeOptions
 from agentbus.queries.consistency import wait_for_position
 from agentbus.runtime.link_keys import link_keys
-from agentbus.settings import AgentConfig, Settings
+from agentbus.settings import AgentConfig
 from agentbus.store import EventStore
-from agentbus.workers.autoreply import AutoReply
 from agentbus.workers.expiry import ApprovalExpiry
 from agentbus.workers.runs import RunWorker
-from tests.conftest import gateway_in_process, stop_tasks
 from tests.executors.stand_ins import LocalServer, openai_app
-from tests.test_gateway import Api, problem
+from tests.test_gateway import Api, problem, serving
 
 ECHO = AgentConfig(executor="echo", options={"word_delay": 0})
 AGENTS = {"echo": ECHO, "quick": ECHO.model_copy(update={"approval_timeout": 1.5})}
@@ -60,21 +57,8 @@ DECISIONS = (ApprovalGranted, ApprovalDenied, ApprovalExpired)
 
 @pytest.fixture
 async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api]:
-    store = private_store
-    async with gateway_in_process(store, database_url, Settings(agents=AGENTS)) as gateway:
-        engine = gateway.platform.engine
-        stop = asyncio.Event()
-        options = RuntimeOptions(lock_poll=0.2, scan_interval=0.2)
-        tasks = [
-            asyncio.create_task(Projector(all_projections(), store, engine, options).run(stop)),
-            asyncio.create_task(RunWorker(store, store._nc, AGENTS, lease=5).run(stop)),
-            asyncio.create_task(AutoReply(store, store._nc, AGENTS).run(stop)),
-            asyncio.create_task(ApprovalExpiry(store, store._nc).run(stop)),
-        ]
-        try:
-            yield Api(gateway.client, gateway.system_key, store, engine)
-        finally:
-            await stop_tasks(stop, tasks)
+    async with serving(private_store, database_url, AGENTS, expiry=True) as api:
+        yield api
 
 
 async def eventually(probe: Any, what: str, timeout: float = 10.0) -> Any:

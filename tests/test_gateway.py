@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +15,6 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentbus.audit.erasure import Sealer
-from agentbus.cli.admin import bootstrap
-from agentbus.db.engine import create_engine
-from agentbus.db.migrations import upgrade
 from agentbus.domain.budget import set_budget
 from agentbus.events.catalog import default_registry
 from agentbus.gateway.app import create_app
@@ -27,6 +25,7 @@ from agentbus.runtime.platform import Platform
 from agentbus.settings import AgentConfig, Settings
 from agentbus.store import EventStore
 from agentbus.workers.autoreply import AutoReply
+from agentbus.workers.expiry import ApprovalExpiry
 from agentbus.workers.runs import RunWorker
 from tests.conftest import gateway_in_process, stop_tasks
 
@@ -69,25 +68,43 @@ class Api:
         return str(issued.json()["key"])
 
 
-@pytest.fixture
-async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api]:
-    # Sealed, as the platform's store always is (docs/erasure.md).
-    sealer = await Sealer.open(private_store._nc, default_registry())
-    store = EventStore(private_store._nc, default_registry(), timeout=5.0, sealer=sealer)
-    async with gateway_in_process(store, database_url, Settings(agents=AGENTS)) as gateway:
+@asynccontextmanager
+async def serving(
+    store: EventStore,
+    database_url: str,
+    agents: dict[str, AgentConfig],
+    *,
+    expiry: bool = False,
+) -> AsyncIterator[Api]:
+    """The gateway in process, with the projections, a run worker and auto-reply running on
+    `store` (and the approval expiry worker with `expiry`)."""
+    async with gateway_in_process(store, database_url, Settings(agents=agents)) as gateway:
         engine = gateway.platform.engine
         stop = asyncio.Event()
         options = RuntimeOptions(lock_poll=0.2, scan_interval=0.2)
         tasks = [
             asyncio.create_task(Projector(all_projections(), store, engine, options).run(stop)),
-            asyncio.create_task(RunWorker(store, store._nc, AGENTS, lease=5).run(stop)),
-            asyncio.create_task(AutoReply(store, store._nc, AGENTS).run(stop)),
+            asyncio.create_task(RunWorker(store, store._nc, agents, lease=5).run(stop)),
+            asyncio.create_task(AutoReply(store, store._nc, agents).run(stop)),
         ]
+        if expiry:
+            tasks.append(asyncio.create_task(ApprovalExpiry(store, store._nc).run(stop)))
         try:
             yield Api(gateway.client, gateway.system_key, store, engine)
         finally:
             await stop_tasks(stop, tasks)
-            await sealer.close()
+
+
+@pytest.fixture
+async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api]:
+    # Sealed, as the platform's store always is (docs/erasure.md).
+    sealer = await Sealer.open(private_store._nc, default_registry())
+    store = EventStore(private_store._nc, default_registry(), timeout=5.0, sealer=sealer)
+    try:
+        async with serving(store, database_url, AGENTS) as api:
+            yield api
+    finally:
+        await sealer.close()
 
 
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -476,25 +493,12 @@ async def test_limits_answer_clearly(api: Api) -> None:
 async def test_rate_limit_answers_429_with_retry_after(
     private_store: EventStore, database_url: str
 ) -> None:
-    await upgrade(database_url)
-    engine = create_engine(database_url)
-    platform = Platform(
-        Settings(agents=AGENTS), "nats://x", database_url, private_store._nc, private_store, engine
-    )
-    app = create_app(platform, rate=0.5, burst=2)
-    key = await bootstrap(private_store._nc, private_store)
-    assert key is not None
-    try:
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://agentbus.test"
-            ) as client,
-        ):
-            headers = {"Authorization": f"Bearer {key.token}"}
-            statuses = [(await client.get("/v1/me", headers=headers)) for _ in range(3)]
-    finally:
-        await engine.dispose()
+    settings = Settings(agents=AGENTS)
+    async with gateway_in_process(
+        private_store, database_url, settings, rate=0.5, burst=2
+    ) as gateway:
+        headers = {"Authorization": f"Bearer {gateway.system_key}"}
+        statuses = [(await gateway.client.get("/v1/me", headers=headers)) for _ in range(3)]
     assert [r.status_code for r in statuses] == [200, 200, 429]
     assert int(statuses[2].headers["retry-after"]) >= 1
     assert statuses[2].headers["content-type"].startswith("application/problem+json")
