@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentbus.audit.erasure import Forgotten, Outcome, forget
+from agentbus.audit.erasure import Outcome, forget
 from agentbus.events.identity import SYSTEM_WORKSPACE
 from agentbus.events.subjects import AggregateRef
 from agentbus.gateway.deps import Admin, Caller, PlatformDep, identities
@@ -70,10 +70,9 @@ class ForgetAnswer(BaseModel):
     responses=problem_responses(401, 403, 404, 413, 422, 429, 503),
 )
 async def forget_subject(body: ForgetSubject, platform: PlatformDep, access: Admin) -> ForgetAnswer:
-    done = await _forget(
+    return await _forget(
         platform, access.workspace, body.subject, access.principal.actor, body.reason
     )
-    return _answer(done)
 
 
 @router.post(
@@ -93,22 +92,13 @@ async def forget_user(
         platform, SYSTEM_WORKSPACE, user_id, principal.actor, body.reason if body else None
     )
     identities(request).forget(AggregateRef(SYSTEM_WORKSPACE, "user", user_id))
-    return _answer(done)
+    return done
 
 
 async def _forget(
     platform: Platform, workspace: str, subject: str, by: str, reason: str | None
-) -> Forgotten:
+) -> ForgetAnswer:
     sealer = platform.store.sealer
     assert sealer is not None  # the platform always seals (runtime/platform.py)
-    return await forget(platform.store, sealer, workspace, subject, by=by, reason=reason)
-
-
-def _answer(done: Forgotten) -> ForgetAnswer:
-    return ForgetAnswer(
-        outcome=done.outcome,
-        key_id=done.key_id,
-        position=done.position,
-        forgotten_at=done.forgotten_at,
-        live_purged=done.live_purged,
-    )
+    done = await forget(platform.store, sealer, workspace, subject, by=by, reason=reason)
+    return ForgetAnswer.model_validate(done, from_attributes=True)  # the same fields
