@@ -200,15 +200,29 @@ _PHONE_END = r"(?![A-Za-z0-9_]|[.:/-]\d)"  # not the start of a date, version, t
 
 _DIGIT_RUN = re.compile(r"\d(?:[ ().+/-]{0,3}\d){6}")
 """7 digits close together: what every card number and phone number has."""
+_ASCII_DIGITS = b"0123456789"
 
 Needs = Callable[[str, str], bool]
 """(text, lower-cased text) -> whether a detector can match at all: skips its scan cheaply."""
 
 
 def _contains(*needles: str, lower: bool = False) -> Needs:
-    if lower:
-        return lambda _, lowered: any(n in lowered for n in needles)
-    return lambda text, _: any(n in text for n in needles)
+    # Called for every detector on every message: a plain `in` per needle, without the
+    # generator `any(...)` would build (which cost more than the tests themselves).
+    if len(needles) == 1:
+        (needle,) = needles
+        if lower:
+            return lambda _, lowered: needle in lowered
+        return lambda text, _: needle in text
+
+    def contains(text: str, lowered: str) -> bool:
+        scanned = lowered if lower else text
+        for needle in needles:  # noqa: SIM110 (a plain loop: no generator per call)
+            if needle in scanned:
+                return True
+        return False
+
+    return contains
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +237,8 @@ class _Detector:
     needs: Needs | None = None
     numeric: bool = False
     """Every match has 7 or more digits close together: skipped when the text has none."""
+    digits: bool = False
+    """Every match has a digit: skipped when the text has none."""
     lower: bool = False
     """`expression` is lower case and searched in the lower-cased text (ignoring case, but
     with a literal start CPython's `re` can skip ahead to)."""
@@ -324,6 +340,7 @@ _DETECTORS: tuple[_Detector, ...] = (
         r"[A-Z][A-Z]\d\d(?: ?[A-Z0-9]){11,30}" + _END,
         not_after=_WORD,
         check=_iban,
+        digits=True,
         opaque=lambda _: True,
     ),
     _Detector(
@@ -448,14 +465,18 @@ class Redactor:
         """`text` with every finding masked; cut at `max_length` if masking made it longer."""
         lowered = text.lower()
         aligned = text.isascii()  # lowered[i] is text[i] lower-cased
-        numeric = _DIGIT_RUN.search(text) is not None
+        # Whether the text has a digit at all: cheap for ASCII text (a C-level byte
+        # translation; `re` scans `\d` a character at a time); other text may have
+        # non-ASCII digits, which `\d` matches too, so it is scanned.
+        digits = not aligned or len(text.encode().translate(None, _ASCII_DIGITS)) < len(text)
+        numeric = digits and _DIGIT_RUN.search(text) is not None
         # (start, priority, mask from, mask to, covers to, kind or None: hidden, not masked)
         hits: list[tuple[int, int, int, int, int, Kind | None]] = []
         for priority, compiled in enumerate(self._detectors):
             detector = compiled.detector
             if detector.needs is not None and not detector.needs(text, lowered):
                 continue
-            if detector.numeric and not numeric:
+            if (detector.numeric and not numeric) or (detector.digits and not digits):
                 continue
             if not detector.lower:
                 search, scanned = compiled.pattern.search, text
