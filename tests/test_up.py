@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import psutil
 import pytest
@@ -21,6 +23,7 @@ from agentbus.events import AggregateRef
 from agentbus.events.catalog import default_registry
 from agentbus.events.session import SessionOpened
 from agentbus.projections.catalog import all_projections
+from agentbus.runtime.embedded import EmbeddedNats
 from agentbus.settings import Settings
 from agentbus.store import NO_EVENTS, EventStore
 
@@ -60,10 +63,11 @@ def processes_using(data_dir: Path) -> list[psutil.Process]:
 
 
 class Up:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.nats_port = free_port()
+        self.env = {**clean_env(), **(env or {})}
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
@@ -77,7 +81,7 @@ class Up:
                 "--nats-port",
                 str(self.nats_port),
             ),
-            env=clean_env(),
+            env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -166,6 +170,72 @@ async def test_up_serves_keeps_events_across_restarts_and_leaves_no_process(up: 
     assert code == 0, stderr
     assert "system API key" not in stderr  # printed once, on the first start only
     assert processes_using(up.data_dir) == []
+
+
+async def test_up_on_external_servers_starts_neither_and_leaves_both_running(
+    tmp_path: Path, database_url: str
+) -> None:
+    # The URLs of a deployment's own NATS and Postgres: `up` applies the streams and the
+    # migrations there and runs every role, with no embedded server of its own.
+    nats_server = EmbeddedNats(tmp_path / "external-nats", port=0)
+    nats_server.start()
+    external = Up(
+        tmp_path / "data",
+        env={"AGENTBUS_NATS_URL": nats_server.url, "AGENTBUS_DATABASE_URL": database_url},
+    )
+    try:
+        external.start()
+        ready = httpx.get(f"{external.base}/readyz").json()
+        assert ready["status"] == "ready", ready
+        assert external.process is not None
+        servers = [p for p in processes_using(external.data_dir) if p.pid != external.process.pid]
+        assert servers == [], "no embedded server"
+        client = await connect(nats_server.url)
+        try:
+            for stream in ("EVENTS", "LIVE"):
+                assert (await client.jetstream().stream_info(stream)).config.name == stream
+        finally:
+            await client.close()
+
+        # The migrated read models on the external database, every projection live.
+        expected = {p.name for p in all_projections()}
+        live: set[str] = set()
+        deadline = time.monotonic() + 30
+        while live != expected and time.monotonic() < deadline:
+            admin = await asyncpg.connect(database_url)
+            try:
+                rows = await admin.fetch(
+                    "SELECT projection FROM projection_generations WHERE status = 'live'"
+                )
+            finally:
+                await admin.close()
+            live = {row["projection"] for row in rows}
+            await asyncio.sleep(0.2)
+        assert live == expected
+
+        code, stderr = external.stop(signal.SIGINT)
+        assert code == 0, stderr
+        assert "agentbus stopped" in stderr
+        key = next(line.strip() for line in stderr.splitlines() if line.strip().startswith("ab_"))
+        assert [path.name for path in external.data_dir.iterdir()] == ["agentbus.lock"]
+
+        # Everything lives in the servers, not the data dir: another data dir on the same
+        # servers (another replica, or a new machine) knows the first start's key and prints
+        # none of its own.
+        external = Up(tmp_path / "another-data", env=external.env)
+        external.start()
+        me = httpx.get(f"{external.base}/v1/me", headers={"Authorization": f"Bearer {key}"})
+        assert me.status_code == 200, me.text
+        code, stderr = external.stop(signal.SIGTERM)
+        assert code == 0, stderr
+        assert "system API key" not in stderr
+        assert nats_server.process is not None
+        assert nats_server.process.poll() is None  # stopped by no one but this test
+    finally:
+        if external.process is not None and external.process.poll() is None:
+            external.process.kill()
+            external.process.wait()
+        nats_server.stop()
 
 
 def run_cli(
