@@ -309,7 +309,8 @@ async def test_http_posts_the_run_and_returns_the_output(
     output = Recorder()
 
     reply = await HttpExecutor().execute(
-        run_request(http_options(f"{service_url}/reply", token="s3cret")), output
+        run_request(http_options(f"{service_url}/reply", token="s3cret"), max_tokens=500),
+        output,
     )
 
     assert reply == "agent says: what is the weather?"
@@ -326,6 +327,7 @@ async def test_http_posts_the_run_and_returns_the_output(
             {"role": "user", "text": "hi"},
             {"role": "assistant", "text": "hello, how can I help?"},
         ],
+        "max_tokens": 500,
     }
 
 
@@ -461,6 +463,7 @@ async def test_command_streams_notifications_and_returns_the_result() -> None:
             {"role": "user", "text": "hi"},
             {"role": "assistant", "text": "hello, how can I help?"},
         ],
+        "max_tokens": None,  # no budget applies to this run
     }
 
 

@@ -400,5 +400,10 @@ def test_second_up_on_the_same_data_dir_is_refused(up: Up) -> None:
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert "in use by another agentbus" in line
+    # The same command again (same port too): still the data dir, the cause, not the port.
+    again = run_cli("up", "--data-dir", str(up.data_dir), "--port", str(up.port))
+    assert again.returncode == 1
+    [line] = error_lines(again.stderr)
+    assert "in use by another agentbus" in line
     code, _ = up.stop()
     assert code == 0

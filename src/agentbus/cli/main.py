@@ -268,11 +268,14 @@ async def _up(settings: Settings) -> None:
     )
 
     data_dir = ensure_data_dir(settings.data_dir)
-    if settings.port and not port_is_free(settings.host, settings.port):
-        raise EmbeddedServerError(
-            f"HTTP port {settings.host}:{settings.port} is busy: stop what uses it or pass --port"
-        )
+    # The lock first: a second `up` on the same data dir (and so, usually, the same port) is
+    # told that, rather than that the port is busy.
     with _data_dir_lock(data_dir):
+        if settings.port and not port_is_free(settings.host, settings.port):
+            raise EmbeddedServerError(
+                f"HTTP port {settings.host}:{settings.port} is busy: "
+                "stop what uses it or pass --port"
+            )
         nats_server: EmbeddedNats | None = None
         postgres: EmbeddedPostgres | None = None
         try:

@@ -43,6 +43,9 @@ def run_payload(request: RunRequest) -> dict[str, Any]:
         "input": request.input,
         "session_id": request.session_id,
         "history": [{"role": turn.role, "text": turn.text} for turn in request.history],
+        # The tokens the run's budget reserved for this attempt (null: no budget applies): an
+        # agent that can cap its model's output should (docs/budgets.md).
+        "max_tokens": request.max_tokens,
     }
 
 

@@ -36,7 +36,7 @@ COLLECTOR_THRESHOLDS: Final = (50_000, 20, 100)
 """The cyclic garbage collector's thresholds in server processes (CPython's defaults: 700, 10,
 10). Every event read and every request allocate many short-lived objects; with the defaults a
 young-generation collection ran every few events, each one walking everything allocated since.
-Measured: a projection catch-up ~1.1x faster (docs/benchmarks.md, projection)."""
+Measured: a projection catch-up ~1.3x faster (docs/benchmarks.md, projection, 5.)."""
 
 
 def tune_collector() -> None:

@@ -6,8 +6,8 @@ in place), the rendering of a plan, and at the end the thin async shell that tal
 JetStream API.
 
 The JetStream API is used raw (`$JS.API.STREAM.INFO|CREATE|UPDATE.<name>`, JSON bodies) because
-nats-py 2.16's `StreamConfig` has no `allow_atomic` field, and because the plan must compare
-exactly what the server stores. Facts checked against nats-server 2.15.1:
+the plan must compare exactly what the server stores, not what a client library's model makes
+of it. Facts checked against nats-server 2.15.1:
 
 - the server echoes `allow_atomic` only when true (the key is omitted when false); every other
   managed field comes back as sent, durations in nanoseconds, replicas as `num_replicas`;
