@@ -8,9 +8,11 @@ import asyncio
 import contextlib
 import secrets
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -47,6 +49,18 @@ async def connect(url: str) -> NATS:
     return await nats.connect(
         url, connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.2
     )
+
+
+async def eventually(probe: Any, what: str, timeout: float = 10.0) -> Any:
+    """Poll the async `probe` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

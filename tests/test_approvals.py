@@ -47,6 +47,7 @@ from agentbus.settings import AgentConfig
 from agentbus.store import EventStore
 from agentbus.workers.expiry import ApprovalExpiry
 from agentbus.workers.runs import RunWorker
+from tests.conftest import eventually
 from tests.executors.stand_ins import LocalServer, openai_app
 from tests.test_gateway import Api, problem, serving
 
@@ -59,18 +60,6 @@ DECISIONS = (ApprovalGranted, ApprovalDenied, ApprovalExpired)
 async def api(private_store: EventStore, database_url: str) -> AsyncIterator[Api]:
     async with serving(private_store, database_url, AGENTS, expiry=True) as api:
         yield api
-
-
-async def eventually(probe: Any, what: str, timeout: float = 10.0) -> Any:
-    """Poll the async `probe` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def run_in(api: Api, key: str, ws: str, rid: str, statuses: set[str]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -27,7 +26,7 @@ from agentbus.runtime.embedded import EmbeddedNats
 from agentbus.settings import Settings
 from agentbus.store import NO_EVENTS, EventStore
 
-from .conftest import connect
+from .conftest import connect, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -199,19 +198,18 @@ async def test_up_on_external_servers_starts_neither_and_leaves_both_running(
 
         # The migrated read models on the external database, every projection live.
         expected = {p.name for p in all_projections()}
-        live: set[str] = set()
-        deadline = time.monotonic() + 30
-        while live != expected and time.monotonic() < deadline:
-            admin = await asyncpg.connect(database_url)
-            try:
+        admin = await asyncpg.connect(database_url)
+        try:
+
+            async def all_live() -> bool:
                 rows = await admin.fetch(
                     "SELECT projection FROM projection_generations WHERE status = 'live'"
                 )
-            finally:
-                await admin.close()
-            live = {row["projection"] for row in rows}
-            await asyncio.sleep(0.2)
-        assert live == expected
+                return {row["projection"] for row in rows} == expected
+
+            await eventually(all_live, "every projection live", timeout=30)
+        finally:
+            await admin.close()
 
         code, stderr = external.stop(signal.SIGINT)
         assert code == 0, stderr
