@@ -17,7 +17,6 @@ positions (this works beyond the 2-minute duplicate window too).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import re
 import uuid
@@ -27,12 +26,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import nats.errors
+import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from agentbus.audit.sealing import SEALED_MARK, SubjectKey, seal_data
@@ -47,6 +46,7 @@ from agentbus.events.envelope import CloudEvent, EventContext, utcnow, uuid7
 from agentbus.events.privacy import Personal
 from agentbus.events.registry import DomainEvent, EventRegistry
 from agentbus.events.subjects import EVENTS_PREFIX, AggregateRef
+from agentbus.store.ordered import Delivery, OrderedReader
 
 if TYPE_CHECKING:
     from agentbus.audit.erasure import Sealer
@@ -56,7 +56,8 @@ MAX_BATCH: Final = 1000  # JetStream's limit for one atomic batch
 MAX_ID_LENGTH: Final = 128
 _READ_AHEAD: Final = 1024  # messages a reader takes off the subscription before it is asked
 _CLOSED_CHECK: Final = 1.0  # seconds between a waiting reader's looks at the connection
-_INACTIVE_THRESHOLD: Final = 1.0  # seconds an unsubscribed reader's consumer outlives it
+_INACTIVE_THRESHOLD: Final = 1.0  # seconds a stopped reader's consumer outlives it
+_HEARTBEAT: Final = 2.0  # seconds between a reader's consumer's heartbeats when idle
 
 _WRONG_LAST_SEQUENCE = 10071
 _BATCH_DUPLICATE_ID = 10201
@@ -517,76 +518,56 @@ class EventStore:
             until = await self.last_position()
         if until is not None and until < from_position:
             return
-        js = self._nc.jetstream(timeout=self._timeout)
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=from_position,
-            filter_subjects=list(subjects) if len(subjects) > 1 else None,
+        reader = OrderedReader(
+            self._nc,
+            self._stream,
+            subjects,
+            from_position,
+            limit=_READ_AHEAD,
+            heartbeat=_HEARTBEAT,
+            # Gone a second after its reader stops (server default: 5 s); while reading it is
+            # never inactive. An SSE client that leaves frees it at once.
+            inactive=_INACTIVE_THRESHOLD,
+            timeout=self._timeout,
         )
-        # A callback hands messages over through a bounded queue: `next_msg` costs a task, a
-        # `wait_for` and a uuid4 per message, ~30 µs of CPU (a replay ran 2-2.5x faster this
-        # way, docs/benchmarks.md). A full queue blocks the callback, so nats-py withholds the
-        # flow-control reply and the server stops sending: memory stays bounded by the
-        # server's flow-control window (32 MiB). The subscription's own pending limits must
-        # hold that window, or nats-py drops messages as a slow consumer: nats-py's defaults
-        # (512k messages, 256 MiB) do; the 16,384 messages set here before did not, and a
-        # replay of 100k events stalled after ~35k.
-        received: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_READ_AHEAD)
         try:
-            sub = await js.subscribe(
-                subjects[0],
-                stream=self._stream,
-                ordered_consumer=True,
-                config=config,
-                idle_heartbeat=2.0,
-                # Gone a second after its reader unsubscribes (server default: 5 s); while
-                # subscribed it is never inactive. An SSE client that leaves frees it at once.
-                inactive_threshold=_INACTIVE_THRESHOLD,
-                cb=received.put,
-            )
-        except _TRANSPORT_ERRORS as exc:
+            pending = await reader.start()
+        except nats.js.errors.NotFoundError as exc:
+            await reader.close()
+            raise StreamNotFound(f"stream {self._stream} not found") from exc
+        except (*_TRANSPORT_ERRORS, nats.errors.Error) as exc:
+            await reader.close()
             raise StoreUnavailable(f"cannot start a reader on {self._stream}") from exc
         sealer = self._sealer
         try:
-            if not follow:
-                # Nothing pending and nothing delivered yet: no event matches at all. (Pending
-                # alone is not enough: a push consumer may already have delivered everything
-                # into our buffer.)
-                info = await sub.consumer_info()
-                delivered = info.delivered.consumer_seq if info.delivered else 0
-                if info.num_pending == 0 and not delivered:
-                    return
+            if not follow and not pending:
+                return  # no event matches at all
             while True:
-                try:
-                    msg = received.get_nowait()
-                except asyncio.QueueEmpty:
-                    msg = await self._wait_for_message(received, follow)
+                deliveries = await self._wait_for_deliveries(reader, follow, chunk)
                 events: list[RawEvent] = []
-                while True:
-                    position, stamp, pending = _delivery(msg)
+                for position, subject, data, stamp, left in deliveries:
                     if until is not None and position > until:
                         # Filtered: the event at `until` may not match, the next one does.
                         if events:
                             yield events
                         return
-                    data = msg.data
                     if sealer is not None and SEALED_MARK in data and not sealer.ready(data):
                         await sealer.prepare(data)  # so that `decode` has the keys
-                    events.append(RawEvent(position, msg.subject, data, stamp, pending))
-                    if (until is not None and position >= until) or (not follow and not pending):
+                    events.append(
+                        RawEvent(
+                            position,
+                            subject.decode(),
+                            data,
+                            datetime.fromtimestamp(stamp / 1e9, UTC),
+                            left,
+                        )
+                    )
+                    if (until is not None and position >= until) or (not follow and not left):
                         yield events
                         return
-                    if len(events) >= chunk:
-                        break
-                    try:
-                        msg = received.get_nowait()
-                    except asyncio.QueueEmpty:
-                        break
                 yield events
         finally:
-            # Best effort: the ordered consumer is ephemeral and expires on its own.
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await reader.close()
 
     async def read_page(
         self, *, after: int, subject: str, limit: int = 256, max_bytes: int = 256 * 1024
@@ -624,9 +605,15 @@ class EventStore:
             )
         return page
 
-    async def _wait_for_message(self, received: asyncio.Queue[Msg], follow: bool) -> Msg:
-        """The next message of a reader whose queue is empty. Raises what `next_msg` did: a
-        closed connection, or (unless following) `StoreUnavailable` after the timeout."""
+    async def _wait_for_deliveries(
+        self, reader: OrderedReader, follow: bool, most: int
+    ) -> list[Delivery]:
+        """Up to `most` deliveries, waiting for the first. Raises `ConnectionClosedError` if
+        the connection is closed, or (unless following) `StoreUnavailable` after the
+        timeout."""
+        deliveries = reader.take(most)
+        if deliveries:
+            return deliveries
         waited = 0.0
         task = asyncio.current_task()
         while True:
@@ -634,22 +621,22 @@ class EventStore:
                 raise ConnectionClosedError
             if task is not None and task.cancelling():
                 # A cancellation that something swallowed: Python 3.11's `asyncio.wait_for`
-                # (inside nats-py's requests, e.g. while this reader subscribed) returns a
-                # result that arrived together with the cancellation and drops the
-                # cancellation. A following reader would then wait here forever.
+                # (inside nats-py's requests) returns a result that arrived together with the
+                # cancellation and drops the cancellation. A following reader would then wait
+                # here forever.
                 raise asyncio.CancelledError
             step = _CLOSED_CHECK if follow else min(_CLOSED_CHECK, self._timeout - waited)
-            getter = asyncio.ensure_future(received.get())
-            try:
-                done, _ = await asyncio.wait((getter,), timeout=step)
-            finally:
-                if not getter.done():
-                    getter.cancel()
-            if done:
-                return getter.result()
+            if await reader.wait(step):
+                deliveries = reader.take(most)
+                if deliveries:
+                    return deliveries
+                continue
             waited += step
             if not follow and waited >= self._timeout:
-                raise StoreUnavailable(f"reading {self._stream} stalled for {self._timeout:g}s")
+                why = f" ({reader.problem})" if reader.problem else ""
+                raise StoreUnavailable(
+                    f"reading {self._stream} stalled for {self._timeout:g}s{why}"
+                )
 
     async def _load_keys(self, data: bytes) -> None:
         """Load the subject keys a sealed payload needs, before it is decoded (nothing to do
@@ -890,16 +877,3 @@ def _checked_ids(
     if len(set(ids)) != len(ids):
         raise InvalidEvent("event ids within one append must be distinct")
     return ids
-
-
-def _delivery(msg: Msg) -> tuple[int, datetime, int]:
-    """Stream position, storage time and pending count of a message an ordered consumer
-    delivered, read from its reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream
-    seq>.<consumer seq>.<ns>.<pending>`): the common form directly, about 3x cheaper than
-    nats-py's `Msg.metadata`; any other form (with a domain) through it."""
-    tokens = msg.reply.split(".")
-    if len(tokens) == 9:
-        stamp = datetime.fromtimestamp(int(tokens[7]) / 1e9, UTC)
-        return int(tokens[5]), stamp, int(tokens[8])
-    meta = msg.metadata
-    return meta.sequence.stream, meta.timestamp, meta.num_pending or 0
