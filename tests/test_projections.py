@@ -284,6 +284,45 @@ async def test_poison_events_go_to_dead_letters_while_the_others_apply(
     assert opened.last_position < session.position
 
 
+async def test_a_copied_row_that_exists_already_is_a_dead_letter_not_skipped(
+    private_store: EventStore, engine: AsyncEngine, workspace: str
+) -> None:
+    """Messages are appended with COPY (`Statement.copy`: no ON CONFLICT): a row the table
+    already holds fails its batch, and isolation makes its event a dead letter."""
+    store = private_store
+    ref = AggregateRef(workspace, "session", "s1")
+    opened = await store.append(ref, [SessionOpened(channel="web")], expect=NO_EVENTS)
+    async with projecting(store, engine):
+        await wait_for_position(engine, "sessions", opened.last_position)
+    clash = await store.append(ref, [MessageReceived(message_id="m1", author="a", text="one")])
+    after = await store.append(ref, [MessageReceived(message_id="m2", author="a", text="two")])
+    async with engine.begin() as connection:
+        physical = await connection.scalar(
+            text(
+                "SELECT 'messages_g' || generation FROM "
+                "projection_generations WHERE projection = 'sessions' AND status = 'live'"
+            )
+        )
+        await connection.execute(
+            text(
+                f"INSERT INTO {physical} (workspace, session_id, position, message_id, "
+                "direction, author, text, created_at) "
+                "VALUES (:w, 's1', :p, 'planted', 'in', 'x', 'planted', now())"
+            ),
+            {"w": workspace, "p": clash.last_position},
+        )
+    async with projecting(store, engine):
+        await wait_for_position(engine, "sessions", after.last_position)
+    [letter] = await list_dead_letters(engine, "sessions")
+    assert letter.position == clash.last_position
+    assert "UniqueViolation" in letter.error
+    messages = await list_messages(engine, workspace, "s1")
+    assert [(m.position, m.text) for m in messages] == [
+        (clash.last_position, "planted"),
+        (after.last_position, "two"),
+    ]
+
+
 FAIL_ON: set[str] = set()
 
 

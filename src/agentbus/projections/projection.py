@@ -11,7 +11,8 @@ A projection declares
   parameters).
 
 The runtime applies a batch of events statement by statement: every `Write` of the first
-statement (in event order, one `executemany`), then the second, and so on. That is what makes
+statement (in event order, one `executemany`, or one `COPY` for a `Statement.copy`), then the
+second, and so on. That is what makes
 catch-up fast; the price is a rule for handlers: the effect of a batch must not depend on how it
 is cut. Write statements whose rows commute across statements (inserts before the updates that
 need them; counters as increments; last-writer-wins columns guarded by position). Every
@@ -21,7 +22,7 @@ identical tables).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -42,6 +43,23 @@ class Statement:
     sql: str
     merge_on: tuple[int, ...] = ()
     merge: Callable[[tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]] | None = None
+    columns: tuple[str, ...] = ()
+    """Set by `Statement.copy`: `sql` is then a table, and the rows are these columns."""
+
+    @classmethod
+    def copy(cls, name: str, table: str, columns: Sequence[str]) -> Statement:
+        """Rows appended to `table` (a `{table}` placeholder) with `COPY`, the cheapest way
+        to insert: per row about half the Postgres time and half the Python time of an
+        `executemany` INSERT (docs/benchmarks.md, scenario `projection`).
+
+        Only for rows that are new by construction: a key that includes the event's stream
+        position (the runtime applies a batch once: its checkpoint update is fenced). There is
+        no `ON CONFLICT`: a row that exists already fails the batch, and the runtime's
+        isolation makes its event a dead letter, where an `ON CONFLICT DO NOTHING` would have
+        skipped it silently."""
+        if not columns:
+            raise ValueError(f"statement {name}: COPY needs its columns")
+        return cls(name, table, columns=tuple(columns))
 
     def row(self, *args: Any) -> Write:
         return Write(self, args)

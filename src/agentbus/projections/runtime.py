@@ -360,7 +360,8 @@ async def execute_writes(
     writes: Sequence[Write],
 ) -> None:
     """Run `writes` statement by statement in the projection's declared order, each statement
-    once with all its rows (in event order)."""
+    once with all its rows (in event order): one `executemany`, or one `COPY` for a
+    `Statement.copy` (`sql` holds its physical table)."""
     by_statement: dict[str, list[tuple[Any, ...]]] = {}
     for write in writes:
         by_statement.setdefault(write.statement.name, []).append(write.args)
@@ -369,7 +370,12 @@ async def execute_writes(
         if rows:
             if statement.merge is not None and len(rows) > 1:
                 rows = _merged(rows, statement.merge_on, statement.merge)
-            await raw.executemany(sql[statement.name], rows)
+            if statement.columns:
+                await raw.copy_records_to_table(
+                    sql[statement.name], records=rows, columns=statement.columns
+                )
+            else:
+                await raw.executemany(sql[statement.name], rows)
 
 
 def _merged(

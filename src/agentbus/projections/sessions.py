@@ -23,12 +23,24 @@ INSERT_SESSION = Statement(
        VALUES ($1, $2, $3, $4, $5, 'open', $6, 0, $7)
        ON CONFLICT (workspace, id) DO NOTHING""",
 )
-INSERT_MESSAGE = Statement(
+INSERT_MESSAGE = Statement.copy(
     "insert_message",
-    """INSERT INTO {messages} (workspace, session_id, position, message_id, direction, author,
-                               text, created_at, external_id, run_id, data_subject)
-       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-       ON CONFLICT (workspace, position) DO NOTHING""",
+    # Keyed by position: new by construction. Most of a chat's events are messages; COPY
+    # made the catch-up ~1.2x faster than an executemany INSERT (docs/benchmarks.md).
+    "{messages}",
+    (
+        "workspace",
+        "session_id",
+        "position",
+        "message_id",
+        "direction",
+        "author",
+        "text",
+        "created_at",
+        "external_id",
+        "run_id",
+        "data_subject",
+    ),
 )
 COUNT_MESSAGE = Statement(
     "count_message",
