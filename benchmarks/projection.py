@@ -24,9 +24,10 @@ beside raw ordered-consumer replay of the same stream in the same run, and besid
 
    Measured once, in the first round, for reference: the raw replay with `next_msg` in a loop
    (the other raw way; the slower one), and a hand-written minimal projector: the raw replay
-   plus `orjson.loads` and asyncpg `executemany` of the same rows, 1,000 events per
-   transaction, no validation: what writing these rows costs Postgres, and the ceiling of a
-   third figure (the runtime's own cost). `--seconds` and `--warmup` do not apply.
+   plus `orjson.loads` and the same rows written as the runtime writes them (`execute_writes`:
+   COPY for messages, `executemany` for the rest), 1,000 events per transaction, no
+   validation: what writing these rows costs Postgres, and the ceiling of a third figure (the
+   runtime's own cost). `--seconds` and `--warmup` do not apply.
 
 The projection reads the whole stream from position 1, so the scenario runs on a nats-server of
 its own (the run's embedded one also holds the other scenarios' events). With `--nats-url`, it
@@ -302,7 +303,7 @@ def _figures(results: dict[str, list[Sample]], peer: _Peer | None) -> list[Figur
             name="projection catch-up vs a minimal projector writing the same rows",
             value=_median(ours),
             unit="events/s",
-            ceiling_name="raw replay + orjson + executemany, no validation (first round)",
+            ceiling_name="raw replay + orjson + the same writes, no validation (first round)",
             ceiling_value=_median(results["minimal"]),
             samples=_rates(ours),
             cpu_us_per_op=_median_cpu(ours),
@@ -333,7 +334,7 @@ def _figures(results: dict[str, list[Sample]], peer: _Peer | None) -> list[Figur
     rows = {
         "raw callback": "raw ordered consumer, callback",
         "raw next_msg": "raw ordered consumer, next_msg loop (first round only)",
-        "minimal": "minimal projector: raw replay + orjson + executemany, no validation "
+        "minimal": "minimal projector: raw replay + orjson + the same writes, no validation "
         "(first round only)",
     }
     if peer is not None:
@@ -473,8 +474,9 @@ _MINIMAL_SCHEMA = (
 
 async def _minimal_projector(nc: NATS, admin_url: str, database: str, last: int) -> Sample:
     """What a hand-written projector without validation costs: the raw callback replay into a
-    bounded queue, `orjson.loads` of each payload, and asyncpg `executemany` of the same rows
-    into the same tables, with a checkpoint, 1,000 events per transaction."""
+    bounded queue, `orjson.loads` of each payload, and the same rows written into the same
+    tables as the runtime writes them (`execute_writes`), with a checkpoint, 1,000 events per
+    transaction."""
     tables = {"sessions": "sessions", "messages": "messages"}
     sql = {s.name: s.render(tables) for s in SessionsProjection.statements}
     async with _fresh_database(admin_url, database):
