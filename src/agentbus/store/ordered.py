@@ -4,9 +4,10 @@ bytes nats-py's protocol parser has already cut.
 
 Why not nats-py's own ordered consumer: it turns every delivery into a `Msg` (its headers
 parsed into a dict, its reply subject parsed twice) and passes it through the subscription's
-queue to a task that calls back: about 14 µs of CPU per event on this project's machines,
-where this reader spends about 4.5 (docs/benchmarks.md, scenario `projection`). Every reader
-of the store goes through here: projections, the notary, the SSE bridge, replay and verify.
+queue to a task that calls back: ~18 µs of CPU per event on this project's machines, where
+taking the same deliveries from the parser costs ~4.5 (docs/benchmarks.md, scenario
+`projection`). Every reader of the store goes through here: projections, the notary, the SSE
+bridge, replay and verify.
 
 The protocol is the ordered consumer's, as nats-py and the other clients implement it:
 
@@ -21,10 +22,10 @@ The protocol is the ordered consumer's, as nats-py and the other clients impleme
   bounded by the buffer plus the server's flow-control window.
 
 The one thing outside nats-py's public API: deliveries are taken from `Client._process_msg`
-(where the parser hands each message over, by subscription id: `Subscription._id`) for this
-reader's subscriptions only; every other
-message goes on to nats-py as before. The hook's signature is checked once per connection, so
-a nats-py release that changed it fails loudly instead of reading nothing.
+(where the parser hands each message over, with its subscription id: `Subscription._id`) for
+this reader's subscriptions only; every other message goes on to nats-py as before. The
+hook's signature is checked once per connection, so a nats-py release that changed it fails
+loudly instead of reading nothing.
 """
 
 from __future__ import annotations
