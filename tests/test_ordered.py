@@ -24,16 +24,21 @@ STREAM = "SCRATCH"
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[NATS]:
+async def served(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, NATS]]:
     server = EmbeddedNats(tmp_path / "nats", port=0)
     server.start()
     nc = await connect(server.url)
     try:
         await nc.jetstream().add_stream(StreamConfig(name=STREAM, subjects=["s.>"]))
-        yield nc
+        yield server, nc
     finally:
         await nc.close()
         server.stop()
+
+
+@pytest.fixture
+def client(served: tuple[EmbeddedNats, NATS]) -> NATS:
+    return served[1]
 
 
 async def publish(nc: NATS, subjects: list[str], size: int = 16) -> None:
@@ -143,6 +148,39 @@ async def test_a_lost_delivery_recreates_the_consumer_with_nothing_skipped_or_re
     assert [position for position, *_ in first + rest] == list(range(1, 51))
     assert b"late" not in [data for _, _, data, *_ in rest]
     assert ordered.restarts == 1
+
+
+async def test_a_reader_follows_across_a_nats_server_restart(
+    served: tuple[EmbeddedNats, NATS],
+) -> None:
+    server, client = served
+    await publish(client, ["s.a"] * 20)
+    ordered = reader(client, ["s.a"])
+    try:
+        await ordered.start()
+        got = await read(ordered, 20)
+        server.port = int(server.url.rsplit(":", 1)[1])
+        server.stop()
+        server.start()  # the same port and store: the stream is back, the consumer is not
+        last = await eventually(lambda: _published(client), "publishing after the restart", 15)
+        async with asyncio.timeout(20):
+            while got[-1][0] < last:
+                got += ordered.take(100)
+                await ordered.wait(1.0)
+    finally:
+        await ordered.close()
+    assert [position for position, *_ in got] == list(range(1, last + 1))
+    assert ordered.restarts >= 1
+
+
+async def _published(client: NATS) -> int:
+    """The position of one more message, or 0 while the client has not reconnected (a
+    publish that timed out may have landed: the reader must deliver it all the same)."""
+    try:
+        ack = await client.jetstream().publish("s.a", b"again", timeout=0.5)
+    except Exception:  # not reconnected yet
+        return 0
+    return ack.seq
 
 
 async def test_a_full_buffer_holds_the_server_back_until_the_caller_takes(client: NATS) -> None:
