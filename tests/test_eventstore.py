@@ -370,3 +370,5 @@ async def test_stream_admin_calls_on_another_stream(nc: NATS, store: EventStore)
         await store.on_stream(name).stream_info()
     with pytest.raises(StreamNotFound):
         await store.on_stream(name).purge(">")
+    with pytest.raises(StreamNotFound, match=name):
+        await anext(store.on_stream(name).read_raw(follow=True, subjects=[f"{prefix}.>"]))

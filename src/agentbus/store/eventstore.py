@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 EVENTS_STREAM: Final = "EVENTS"
 MAX_BATCH: Final = 1000  # JetStream's limit for one atomic batch
 MAX_ID_LENGTH: Final = 128
-_READ_AHEAD: Final = 1024  # messages a reader takes off the subscription before it is asked
+_READ_AHEAD: Final = 1024  # deliveries a reader holds before it holds back flow control
 _CLOSED_CHECK: Final = 1.0  # seconds between a waiting reader's looks at the connection
 _INACTIVE_THRESHOLD: Final = 1.0  # seconds a stopped reader's consumer outlives it
 _HEARTBEAT: Final = 2.0  # seconds between a reader's consumer's heartbeats when idle
