@@ -14,6 +14,7 @@ from typing import Generic, TypeVar, overload
 from agentbus.errors import AgentbusError
 from agentbus.events.subjects import EVENTS_PREFIX
 from agentbus.store.eventstore import EventStore, RawEvent
+from agentbus.store.ordered import wait_for_next
 
 T = TypeVar("T")
 _CHUNK = 128
@@ -137,13 +138,7 @@ class Batches(Generic[T]):
 
     async def _wait_for_events(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the reader to add events; False on timeout."""
-        self._arrived.clear()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._arrived.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_for_next(self._arrived, timeout)
 
     async def _read(self) -> None:
         prepare, buffer = self._prepare, self._buffer

@@ -191,15 +191,7 @@ class OrderedReader:
 
     async def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for a delivery; False if none came."""
-        if self._buffer:
-            return True
-        self._arrived.clear()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._arrived.wait()
-        except TimeoutError:
-            return False
-        return True
+        return bool(self._buffer) or await wait_for_next(self._arrived, timeout)
 
     def receive(
         self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
@@ -315,6 +307,18 @@ class OrderedReader:
             self._tap.readers.pop(subscription._id, None)
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
+
+
+async def wait_for_next(signal: asyncio.Event, timeout: float) -> bool:
+    """Clear `signal`, then wait up to `timeout` seconds for it to be set again; False if it
+    was not."""
+    signal.clear()
+    try:
+        async with asyncio.timeout(timeout):
+            await signal.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def _fields(headers: bytes) -> dict[bytes, bytes]:
