@@ -263,7 +263,9 @@ class OrderedReader:
                     self._active = False
                     continue
                 self._reason = f"no heartbeat for {period:g}s"
-            log.info("re-creating an ordered consumer", stream=self._stream, reason=self._reason)
+            # Logged once per trouble: while the server stays away, each retry at debug level.
+            report = log.info if self.problem is None else log.debug
+            report("re-creating an ordered consumer", stream=self._stream, reason=self._reason)
             await self._end()
             try:
                 await self._begin()
