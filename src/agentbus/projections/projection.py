@@ -12,12 +12,11 @@ A projection declares
 
 The runtime applies a batch of events statement by statement: every `Write` of the first
 statement (in event order, one `executemany`, or one `COPY` for a `Statement.copy`), then the
-second, and so on. That is what makes
-catch-up fast; the price is a rule for handlers: the effect of a batch must not depend on how it
-is cut. Write statements whose rows commute across statements (inserts before the updates that
-need them; counters as increments; last-writer-wins columns guarded by position). Every
-projection is checked for this by `tests/test_projections.py` (batch size 1 vs large batches give
-identical tables).
+second, and so on. That is what makes catch-up fast; the price is a rule for handlers: the
+effect of a batch must not depend on how it is cut. Write statements whose rows commute
+across statements (inserts before the updates that need them; counters as increments;
+last-writer-wins columns guarded by position). Every projection is checked for this by
+`tests/test_projections.py` (batch size 1 vs large batches give identical tables).
 """
 
 from __future__ import annotations
