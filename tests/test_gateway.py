@@ -60,6 +60,16 @@ class Api:
         assert issued.status_code == 201, issued.text
         return str(issued.json()["key"])
 
+    async def user(self, user_id: str, display_name: str, password: str = "s3cret-pw") -> None:
+        """Create user `user_id` (with a password) with the system key."""
+        created = await self.call(
+            "POST",
+            "/v1/users",
+            self.system,
+            json={"id": user_id, "display_name": display_name, "password": password},
+        )
+        assert created.status_code == 202, created.text
+
     async def key(self, ws: str, owner: str, role: str) -> str:
         issued = await self.call(
             "POST", f"/v1/workspaces/{ws}/api-keys", owner, json={"name": role, "role": role}
@@ -170,13 +180,7 @@ async def test_a_revoked_key_is_refused_on_its_next_request(api: Api) -> None:
 
 async def test_password_login_cookie_and_disabled_user(api: Api) -> None:
     owner = await api.workspace("acme")
-    created = await api.call(
-        "POST",
-        "/v1/users",
-        api.system,
-        json={"id": "ada", "display_name": "Ada", "password": "s3cret-pw"},
-    )
-    assert created.status_code == 202
+    await api.user("ada", "Ada")
     assert (
         await api.call("PUT", "/v1/workspaces/acme/members/ada", owner, json={"role": "member"})
     ).status_code == 202
@@ -427,13 +431,7 @@ async def test_forgetting_a_data_subject_over_http(api: Api) -> None:
     assert nobody["outcome"] == "unknown"
 
     # A user's own data (their display name, in `_system`): system keys only.
-    created = await api.call(
-        "POST",
-        "/v1/users",
-        api.system,
-        json={"id": "lou", "display_name": "Lou Lastname", "password": "s3cret-pw"},
-    )
-    assert created.status_code == 202
+    await api.user("lou", "Lou Lastname")
     problem(await api.call("POST", "/v1/users/lou/forget", owner), 403)
     problem(await api.call("POST", "/v1/users/Bad!/forget", api.system), 422)
     user = await api.call("POST", "/v1/users/lou/forget", api.system, json={"reason": "left"})
