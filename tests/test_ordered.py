@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
 from agentbus.runtime.embedded import EmbeddedNats
-from agentbus.store.ordered import Delivery, OrderedReader, _tap
+from agentbus.store.ordered import Delivery, OrderedReader, tap
 
 from .conftest import connect, eventually
 
@@ -231,4 +231,4 @@ def test_a_changed_nats_py_hook_fails_loudly() -> None:
             return None
 
     with pytest.raises(RuntimeError, match=r"nats-py .* changed Client\._process_msg"):
-        _tap(Changed())
+        tap(Changed())

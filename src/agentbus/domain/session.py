@@ -58,7 +58,17 @@ def evolve(state: SessionState, event: DomainEvent) -> SessionState:
                 concurrency=event.concurrency,
             )
         case MessageReceived() | MessageSent():
-            return replace(state, messages=state.messages + 1)
+            # Every post evolves its session: built directly, not through `replace` (which
+            # walks the fields each time).
+            return SessionState(
+                status=state.status,
+                channel=state.channel,
+                agent=state.agent,
+                concurrency=state.concurrency,
+                messages=state.messages + 1,
+                active_run=state.active_run,
+                pending=state.pending,
+            )
         case SessionClosed():
             return replace(state, status="closed")
         case RunAssigned():

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agentbus import __version__
 from agentbus.errors import StoreUnavailable, StreamNotFound
@@ -38,9 +39,23 @@ REQUIRED_STREAMS = ("EVENTS", "LIVE")
 MAX_BODY = 256 * 1024
 
 
+class GatewayApp(FastAPI):
+    """The gateway's FastAPI app, with its hot path first: `ingest` (when set) sees every
+    request before Starlette's middleware stack and answers posts of messages itself
+    (gateway/ingest.py), handing everything else to FastAPI's own handling."""
+
+    ingest: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.ingest is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.ingest(scope, receive, send)
+
+
 def create_app(
     platform: Platform, *, rate: float = 50.0, burst: float = 100.0, fast_ingest: bool = True
-) -> FastAPI:
+) -> GatewayApp:
     """The gateway app over already-open connections (the caller owns their lifetime).
     `fast_ingest=False` leaves posting messages to the FastAPI route alone (gateway/ingest.py;
     the tests compare the two)."""
@@ -58,7 +73,7 @@ def create_app(
         finally:
             await identities.stop()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="agentbus",
         version=__version__,
         summary="Event-sourced message bus for AI-agent gateways",
@@ -70,7 +85,7 @@ def create_app(
     app.state.platform = platform
     app.state.rate_limiter = RateLimiter(rate=rate, burst=burst)
     if fast_ingest:
-        app.add_middleware(FastIngest)  # inside BodyLimit: see gateway/ingest.py
+        app.ingest = FastIngest(super(GatewayApp, app).__call__, app.state, MAX_BODY)
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     install_problem_handlers(app)
     app.include_router(erasure.router)  # before admin's `/users/{user_id}/{action}`

@@ -1,20 +1,22 @@
-"""The gateway's hot path, posting a message, answered ahead of FastAPI's router.
+"""The gateway's hot path, posting a message, answered ahead of FastAPI and its middleware.
 
 `POST /v1/workspaces/{ws}/sessions/{sid}/messages` is the request channels and chat pages make
-for every message. Through FastAPI, routing, dependency solving and the framework's own
-middleware took about as much CPU as the post itself (docs/benchmarks.md, `http_ingest`).
-This ASGI middleware answers that one request with the same steps, in plain code: the path's
-ids, the `Idempotency-Key` and the body checked with the route's own constraints and model,
-the caller authenticated, rate limited and authorized for `write` exactly as the route's
-dependencies do, then `post_message_as`, the function the route itself calls, and the
-route's response model.
+for every message. Through FastAPI, routing, dependency solving and the middleware stack took
+about as much CPU as the post itself (docs/benchmarks.md, `http_ingest`). `FastIngest` is the
+first thing the gateway app runs (`GatewayApp.__call__`); it answers that one request with the
+route's own steps, in plain code: the path's ids, the `Idempotency-Key` and the body checked
+with the route's own constraints and model, the caller authenticated, rate limited and
+authorized for `write` exactly as the route's dependencies do, then `post_message_as`, the
+function the route itself calls, whose answer has the route's response model's fields.
 
 Whatever it does not take as it is goes to FastAPI untouched, with the body it read handed
-on: another method or path, an id or header the route's constraints refuse, a body the
-model refuses. So every validation error is the route's own answer, and the route in
+on: another method or path, an id or header the route's constraints refuse, a body without a
+`Content-Length` or over the body limit (`BodyLimit` answers those), a body the model refuses.
+So every validation error is the route's own answer, and the route in
 `routes/conversations.py` stays what the OpenAPI document describes and what this follows.
 Errors once the request is taken (authentication, the session's refusal, the store) are
-answered here, through the same problem mapping as everywhere else.
+answered here, through the same problem mapping as everywhere else; an unexpected one is
+logged and answered 500, as the app's own handler does.
 """
 
 from __future__ import annotations
@@ -23,16 +25,21 @@ import re
 from typing import Final
 
 import orjson
+import structlog
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.datastructures import State
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agentbus.audit.redaction import Redactor
 from agentbus.errors import AgentbusError
-from agentbus.gateway.auth import COOKIE
-from agentbus.gateway.deps import Access, identities, session_posts
+from agentbus.gateway.auth import COOKIE, Identities
+from agentbus.gateway.deps import Access, posts_of
 from agentbus.gateway.limits import RateLimiter, send_response
-from agentbus.gateway.problems import agentbus_problem
+from agentbus.gateway.problems import agentbus_problem, problem
 from agentbus.gateway.routes.conversations import NewMessage, post_message_as
+
+log = structlog.get_logger("agentbus.gateway")
 
 # The route's path, with its parameters' own constraints (`WorkspaceId`, `Id`).
 _PATH: Final = re.compile(
@@ -42,10 +49,13 @@ _JSON: Final = (b"application/json", b"application/json; charset=utf-8")
 
 
 class FastIngest:
-    """ASGI middleware: answers posts of messages itself, passes everything else on."""
+    """ASGI app: answers posts of messages itself, hands everything else to `app`."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, state: State, body_limit: int) -> None:
         self.app = app
+        self.state = state
+        """The gateway app's state: `identities` exists once its lifespan has started."""
+        self.body_limit = body_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -57,12 +67,16 @@ class FastIngest:
             return
         headers = dict(scope["headers"])
         key = headers.get(b"idempotency-key")
-        content_type = headers.get(b"content-type", b"").lower()
-        if content_type not in _JSON or (key is not None and not 0 < len(key) <= 200):
+        length = headers.get(b"content-length", b"")
+        if (
+            headers.get(b"content-type", b"").lower() not in _JSON
+            or (key is not None and not 0 < len(key) <= 200)
+            or not length.isdigit()
+            or int(length) > self.body_limit
+        ):
             await self.app(scope, receive, send)
             return
         ws, sid = path.group(1), path.group(2)
-        request = Request(scope, receive)
         try:
             raw = await _body(receive)
             try:
@@ -71,32 +85,45 @@ class FastIngest:
                 # The route's own answer: 401/403/404 before 422, as its dependencies run first.
                 await self.app(scope, _replay(raw), send)
                 return
-            ids = identities(request)
+            state = self.state
+            ids: Identities = state.identities
             authorization = _text(headers.get(b"authorization"))
             # An Authorization header is all `authenticate` looks at when there is one: the
             # cookies are parsed only without it.
             principal = await ids.authenticate(
-                authorization, None if authorization else request.cookies.get(COOKIE)
+                authorization, None if authorization else _cookie(headers.get(b"cookie"))
             )
-            limiter: RateLimiter = request.app.state.rate_limiter
+            limiter: RateLimiter = state.rate_limiter
             limiter.check(principal.actor)
             role = await ids.authorize(principal, ws, "write")
-            posted = await post_message_as(
-                request,
+            redactor: Redactor = state.platform.settings.redactor
+            answer = await post_message_as(
+                ids,
+                redactor,
+                posts_of(state),
                 Access(principal, ws, role),
-                await session_posts(request),
                 sid,
                 body,
                 _text(key),
+                scope["path"],
             )
         except AgentbusError as exc:
             await agentbus_problem(exc)(scope, receive, send)
             return
-        await send_response(send, 202, b"application/json", orjson.dumps(posted.model_dump()))
+        except Exception as exc:  # as the app's own handler: logged, answered 500
+            log.exception("unhandled error", error=repr(exc))
+            internal = problem(500, "Internal error", "an unexpected error occurred", "internal")
+            await internal(scope, receive, send)
+            return
+        await send_response(send, 202, b"application/json", orjson.dumps(answer))
 
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
+
+
+def _cookie(header: bytes | None) -> str | None:
+    return None if header is None else cookie_parser(header.decode("latin-1")).get(COOKIE)
 
 
 async def _body(receive: Receive) -> bytes:

@@ -16,6 +16,7 @@ ago it was, as when the whole history was read for every post.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -56,6 +57,12 @@ class SessionPosts:
         self._size = size
         self._attempts = attempts
         self._views: OrderedDict[AggregateRef, _View] = OrderedDict()
+
+    @staticmethod
+    def ref(workspace: str, sid: str) -> AggregateRef:
+        """Session `sid` of `workspace` (validated once: the refs of sessions posted into
+        recently are kept, as their views are)."""
+        return _session_ref(workspace, sid)
 
     async def post(
         self, ref: AggregateRef, command: ReceiveMessage, event_id: str, context: EventContext
@@ -123,6 +130,11 @@ class SessionPosts:
             self._views[ref] = view
             while len(self._views) > self._size:
                 self._views.popitem(last=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _session_ref(workspace: str, sid: str) -> AggregateRef:
+    return AggregateRef(workspace, "session", sid)
 
 
 def _keyed(event_id: str) -> bool:

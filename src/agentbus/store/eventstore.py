@@ -46,7 +46,7 @@ from agentbus.events.envelope import CloudEvent, EventContext, utcnow, uuid7
 from agentbus.events.privacy import Personal
 from agentbus.events.registry import DomainEvent, EventRegistry
 from agentbus.events.subjects import EVENTS_PREFIX, AggregateRef
-from agentbus.store.ordered import Delivery, OrderedReader
+from agentbus.store.ordered import Delivery, OrderedReader, tap
 
 if TYPE_CHECKING:
     from agentbus.audit.erasure import Sealer
@@ -250,7 +250,7 @@ class EventStore:
                 f"JetStream did not acknowledge the append to {ref.path} within "
                 f"{self._timeout:g}s ({type(exc).__name__}); retry with the same event ids"
             ) from exc
-        ack = orjson.loads(reply.data)
+        ack = orjson.loads(reply)
         if "error" not in ack and "count" not in ack:
             # The common case, one event stored: no second coroutine, no range to build.
             return AppendResult(
@@ -260,7 +260,7 @@ class EventStore:
 
     async def _publish_batch(
         self, messages: list[tuple[str, bytes]], ids: list[str], first_headers: dict[str, str]
-    ) -> Msg:
+    ) -> bytes:
         batch_id = uuid.uuid4().hex
         last = len(messages)
         for index, ((subject, payload), event_id) in enumerate(
@@ -745,41 +745,41 @@ class _Replies:
     """Request/reply (appends) and request/stream (batched direct gets) over one wildcard reply
     subscription of this store.
 
-    The same protocol as `nc.request` (publish with a reply subject, wait for the PubAck, give
+    The same protocol as `nc.request` (publish with a reply subject, wait for the reply, give
     up after the timeout), minus its per-call costs: a NUID plus random token, bytes/str
     conversions, a done-callback and `asyncio.wait_for`. Those were 10-20 µs of CPU per append
-    with hundreds in flight (docs/benchmarks.md). Public nats-py API only; nats-py
-    re-subscribes after a reconnect, as it does for its own reply subscription.
+    with hundreds in flight (docs/benchmarks.md). A PubAck (a reply without headers) is taken
+    straight from nats-py's parser through the connection's `tap` (store/ordered.py): no `Msg`,
+    no queue, no callback task. A status reply (no responders) and the replies of a stream
+    (headers to read) go through nats-py's subscription as usual; nats-py re-subscribes after a
+    reconnect, with the same subscription id, as it does for its own reply subscription.
     """
 
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
         self._prefix = f"{nc.new_inbox()}."
         self._tokens = itertools.count()
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
         self._streams: dict[str, asyncio.Queue[Msg]] = {}
         self._subscribed = False
         self._subscribing = asyncio.Lock()
 
     async def request(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout: float
-    ) -> Msg:
-        """The reply to `payload` published on `subject`. Raises what `nc.request` raises:
-        `NoRespondersError`, a timeout, `ConnectionClosedError`, `MaxPayloadError`..."""
+    ) -> bytes:
+        """The reply's payload to `payload` published on `subject`. Raises what `nc.request`
+        raises: `NoRespondersError`, a timeout, `ConnectionClosedError`, `MaxPayloadError`..."""
         if not self._subscribed:
             await self._subscribe()
         inbox = f"{self._prefix}{next(self._tokens)}"
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiting[inbox] = future
         try:
             await self._nc.publish(subject, payload, reply=inbox, headers=headers)
             async with asyncio.timeout(timeout):
-                reply = await future
+                return await future
         finally:
             del self._waiting[inbox]
-        if reply.headers and reply.headers.get("Status") == _NO_RESPONDERS:
-            raise NoRespondersError
-        return reply
 
     async def stream(self) -> tuple[str, asyncio.Queue[Msg]]:
         """A reply subject whose messages arrive in the returned queue, until `forget`."""
@@ -796,14 +796,29 @@ class _Replies:
     async def _subscribe(self) -> None:
         async with self._subscribing:
             if not self._subscribed:
-                await self._nc.subscribe(f"{self._prefix}*", cb=self._on_reply)
+                subscription = await self._nc.subscribe(f"{self._prefix}*", cb=self._on_reply)
+                tap(self._nc).takes[subscription._id] = self._take
                 self._subscribed = True
+
+    def _take(self, subject: bytes, data: bytes, headers: bytes | None) -> bool:
+        """A reply from the parser: a PubAck for a waiting request is taken here."""
+        if headers is not None:
+            return False
+        future = self._waiting.get(subject.decode())
+        if future is None:
+            return False
+        if not future.done():
+            future.set_result(data)
+        return True
 
     async def _on_reply(self, msg: Msg) -> None:
         future = self._waiting.get(msg.subject)
         if future is not None:
             if not future.done():
-                future.set_result(msg)
+                if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+                    future.set_exception(NoRespondersError())
+                else:
+                    future.set_result(msg.data)
             return
         queue = self._streams.get(msg.subject)
         if queue is not None:

@@ -25,7 +25,8 @@ The one thing outside nats-py's public API: deliveries are taken from `Client._p
 (where the parser hands each message over, with its subscription id: `Subscription._id`) for
 this reader's subscriptions only; every other message goes on to nats-py as before. The
 hook's signature is checked once per connection, so a nats-py release that changed it fails
-loudly instead of reading nothing.
+loudly instead of reading nothing. The same hook (`tap`) hands the store its PubAcks
+(`EventStore`'s `_Replies`).
 """
 
 from __future__ import annotations
@@ -62,46 +63,58 @@ _Process = Callable[..., Awaitable[None]]
 """`Client._process_msg(sid, subject, reply, data, headers)`."""
 
 
-class _Tap:
+Take = Callable[[bytes, bytes, bytes | None], bool]
+"""Takes one message of a subscription (subject, payload, raw headers) straight from the
+parser; False hands it on to nats-py as usual."""
+
+
+class Tap:
     """Sits in front of one connection's `Client._process_msg` and hands the deliveries of
-    registered subscriptions to their readers."""
+    registered subscriptions to their readers, and the messages of registered reply
+    subscriptions to whoever `takes` them."""
 
     def __init__(self, nc: NATS, original: _Process) -> None:
         self._nc = nc
         self._original = original
         self.readers: dict[int, OrderedReader] = {}
+        self.takes: dict[int, Take] = {}
 
     async def process(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
     ) -> None:
         reader = self.readers.get(sid)
-        if reader is None:
-            await self._original(sid, subject, reply, data, headers)
+        if reader is not None:
+            answer = reader.receive(subject, reply, data, headers)
+            if answer is not None:
+                await reader.answer(answer)
             return
-        answer = reader.receive(subject, reply, data, headers)
-        if answer is not None:
-            await reader.answer(answer)
+        take = self.takes.get(sid)
+        if take is None or not take(subject, data, headers):
+            await self._original(sid, subject, reply, data, headers)
 
 
-_TAPS: weakref.WeakKeyDictionary[NATS, _Tap] = weakref.WeakKeyDictionary()
+_TAPS: weakref.WeakKeyDictionary[NATS, Tap] = weakref.WeakKeyDictionary()
 _HOOK_PARAMETERS = ["sid", "subject", "reply", "data", "headers"]
 
 
-def _tap(nc: NATS) -> _Tap:
-    tap = _TAPS.get(nc)
-    if tap is None:
-        original: _Process = nc._process_msg
-        parameters = list(inspect.signature(original).parameters)
-        if parameters != _HOOK_PARAMETERS:
-            raise RuntimeError(
-                f"nats-py {metadata.version('nats-py')} changed Client._process_msg"
-                f"{tuple(parameters)} (expected {tuple(_HOOK_PARAMETERS)}): agentbus's "
-                "ordered reader (agentbus/store/ordered.py) must be updated for it"
-            )
-        tap = _Tap(nc, original)
-        setattr(nc, "_process_msg", tap.process)  # noqa: B010  # an instance attribute
-        _TAPS[nc] = tap
-    return tap
+def tap(nc: NATS) -> Tap:
+    """The connection's tap, put in front of its `_process_msg` on first use."""
+    existing = _TAPS.get(nc)
+    if existing is not None:
+        return existing
+    original: _Process = nc._process_msg
+    parameters = list(inspect.signature(original).parameters)
+    if parameters != _HOOK_PARAMETERS:
+        raise RuntimeError(
+            f"nats-py {metadata.version('nats-py')} changed Client._process_msg"
+            f"{tuple(parameters)} (expected {tuple(_HOOK_PARAMETERS)}): agentbus's "
+            "ordered reader and PubAck replies (agentbus/store/ordered.py) must be updated "
+            "for it"
+        )
+    created = Tap(nc, original)
+    setattr(nc, "_process_msg", created.process)  # noqa: B010  # an instance attribute
+    _TAPS[nc] = created
+    return created
 
 
 class OrderedReader:
@@ -139,7 +152,7 @@ class OrderedReader:
         self._inactive = inactive
         self._buffer: deque[Delivery] = deque()
         self._arrived = asyncio.Event()
-        self._tap = _tap(nc)
+        self._tap = tap(nc)
         self._subscription: Subscription | None = None
         self._expected = 1
         """The consumer sequence of the next delivery."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Request, Response
@@ -67,7 +68,13 @@ class Recorded(BaseModel):
 
 
 def context(principal: Principal) -> EventContext:
-    return EventContext(source="agentbus/gateway", actor=principal.actor)
+    return _context(principal.actor)
+
+
+@functools.lru_cache(maxsize=1024)
+def _context(actor: str) -> EventContext:
+    # Built and validated once per caller: an EventContext is frozen, so one can be shared.
+    return EventContext(source="agentbus/gateway", actor=actor)
 
 
 def require_system(principal: Principal) -> None:

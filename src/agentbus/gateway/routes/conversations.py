@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from agentbus.audit.redaction import Redactor
 from agentbus.domain.budget import ensure_can_start
 from agentbus.domain.handling import handle
 from agentbus.domain.run import RUN, Cancel, QueueRun, RunNotFound
@@ -26,7 +27,7 @@ from agentbus.domain.session import (
 from agentbus.events.envelope import uuid7
 from agentbus.events.session import MAX_TEXT, Channel, ConcurrencyPolicy
 from agentbus.events.subjects import AggregateRef
-from agentbus.gateway.auth import NotVisible
+from agentbus.gateway.auth import Identities, NotVisible
 from agentbus.gateway.deps import (
     Access,
     Id,
@@ -35,8 +36,10 @@ from agentbus.gateway.deps import (
     Reader,
     SessionPostsDep,
     Writer,
+    identities,
+    platform,
 )
-from agentbus.gateway.inbound import inbound_text
+from agentbus.gateway.inbound import inbound_text, masked_text
 from agentbus.gateway.posting import SessionPosts
 from agentbus.gateway.problems import problem_responses
 from agentbus.gateway.routes.admin import context
@@ -229,38 +232,53 @@ async def post_message(
         ),
     ] = None,
 ) -> PostedMessage:
-    return await post_message_as(request, access, posts, sid, body, idempotency_key)
+    answer = await post_message_as(
+        identities(request),
+        platform(request).settings.redactor,
+        posts,
+        access,
+        sid,
+        body,
+        idempotency_key,
+        request.url.path,
+    )
+    return PostedMessage(**answer)
 
 
 async def post_message_as(
-    request: Request,
-    access: Access,
+    ids: Identities,
+    redactor: Redactor,
     posts: SessionPosts,
+    access: Access,
     sid: str,
     body: NewMessage,
     idempotency_key: str | None,
-) -> PostedMessage:
+    path: str,
+) -> dict[str, Any]:
     """What posting a message does once the request is read and the caller may write: the
-    route above, and the gateway's fast path for it (`gateway/ingest.py`), both end here."""
-    ref = AggregateRef(access.workspace, "session", sid)
+    route above, and the gateway's fast path for it (`gateway/ingest.py`), both end here. The
+    answer is `PostedMessage`'s fields (the fast path writes them without building the model;
+    `path` is only logged, when the text is masked)."""
+    workspace = access.workspace
+    ref = posts.ref(workspace, sid)
     event_id = (
-        str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{access.workspace}/{sid}/{idempotency_key}"))
+        str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{workspace}/{sid}/{idempotency_key}"))
         if idempotency_key
         else uuid7()
     )
-    text = await inbound_text(request, access.workspace, body.text, max_length=MAX_TEXT)
-    author = body.author and await inbound_text(
-        request, access.workspace, body.author, max_length=200
+    text = await masked_text(ids, redactor, workspace, body.text, max_length=MAX_TEXT, path=path)
+    author = body.author and await masked_text(
+        ids, redactor, workspace, body.author, max_length=200, path=path
     )
     command = ReceiveMessage(uuid7(), author or access.principal.id, text, body.external_id)
     posted = await posts.post(ref, command, event_id, context(access.principal))
-    return PostedMessage(
-        id=posted.message_id,
-        event_ids=[event_id],
-        position=posted.position,
-        run_id=run_id_for(event_id) if posted.state.agent else None,
-        duplicate=posted.duplicate,
-    )
+    return {
+        "id": posted.message_id,
+        "event_ids": [event_id],
+        "position": posted.position,
+        "run_id": run_id_for(event_id) if posted.state.agent else None,
+        "duplicate": posted.duplicate,
+    }
 
 
 @router.get(
