@@ -630,6 +630,36 @@ async def test_the_fast_path_answers_posts_exactly_as_the_route(
             assert again.json()["id"] == first.json()["id"]
 
 
+async def test_the_fast_path_hands_on_a_chunked_body_and_answers_its_own_crash(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body without Content-Length is the route's (and `BodyLimit`'s) to read; an unexpected
+    error on the fast path (which runs ahead of the app's own error handling) is logged and
+    answered 500 problem+json, as everywhere else."""
+    owner = await api.workspace("acme")
+    await api.call("POST", "/v1/workspaces/acme/sessions", owner, json={"id": "s1"})
+    path = "/v1/workspaces/acme/sessions/s1/messages"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"text": '
+        yield b'"in two pieces"}'
+
+    chunked = await api.call(
+        "POST", path, owner, content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert chunked.status_code == 202, chunked.text
+    assert "content-length" not in chunked.request.headers
+
+    async def crash(*args: Any) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("agentbus.gateway.ingest.post_message_as", crash)
+    crashed = await api.call("POST", path, owner, json={"text": "hello"})
+    body = problem(crashed, 500)
+    assert body["type"].endswith("/internal")
+    assert "boom" not in crashed.text
+
+
 def _stable(body: Any) -> Any:
     """An answer without what differs between two posts (ids, positions)."""
     if isinstance(body, dict) and "event_ids" in body:

@@ -1,7 +1,8 @@
 """The ordered reader every store read goes through, against a nats-server of its own: order,
 filters, positions and pending counts; a consumer that goes away or loses a delivery is
 re-created from the next position with nothing lost or repeated; a full buffer holds the
-server back; other subscriptions on the connection are untouched."""
+server back; other subscriptions on the connection are untouched. And the store's replies,
+taken from the same tap."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.js.api import StreamConfig
 
 from agentbus.runtime.embedded import EmbeddedNats
+from agentbus.store.eventstore import _Replies
 from agentbus.store.ordered import Delivery, OrderedReader, tap
 
 from .conftest import connect, eventually
@@ -232,3 +235,49 @@ def test_a_changed_nats_py_hook_fails_loudly() -> None:
 
     with pytest.raises(RuntimeError, match=r"nats-py .* changed Client\._process_msg"):
         tap(Changed())
+
+
+async def test_store_replies_take_plain_replies_from_the_tap_and_statuses_from_nats_py(
+    client: NATS,
+) -> None:
+    """`_Replies` (the store's appends): a reply without headers (a PubAck) is taken from the
+    tap, never reaching nats-py's subscription; a no-responders status still raises; a
+    request nobody answers gives up at its deadline."""
+
+    async def answer(msg: Msg) -> None:  # as JetStream answers: no headers
+        await client.publish(msg.reply, b"ack:" + msg.data)
+
+    async def ignore(msg: Msg) -> None:
+        return None
+
+    responder = await client.subscribe("answering", cb=answer)
+    silent = await client.subscribe("silent", cb=ignore)
+    replies = _Replies(client)
+    through_nats_py: list[str] = []
+    on_reply = replies._on_reply
+
+    async def counted(msg: Msg) -> None:
+        through_nats_py.append(msg.subject)
+        await on_reply(msg)
+
+    replies._on_reply = counted  # type: ignore[method-assign]
+    try:
+        got = await asyncio.gather(
+            *(replies.request("answering", str(n).encode(), {"a": "b"}, 2.0) for n in range(50))
+        )
+        assert got == [f"ack:{n}".encode() for n in range(50)]
+        assert through_nats_py == []
+        assert replies._waiting == {}
+
+        with pytest.raises(NoRespondersError):
+            await replies.request("nobody.listens", b"x", {"a": "b"}, 2.0)
+        assert len(through_nats_py) == 1  # the status went through nats-py's subscription
+
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await replies.request("silent", b"x", {"a": "b"}, 0.2)
+        assert 0.15 < time.monotonic() - started < 1.5
+        assert replies._waiting == {}
+    finally:
+        await responder.unsubscribe()
+        await silent.unsubscribe()

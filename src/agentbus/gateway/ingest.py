@@ -56,6 +56,7 @@ class FastIngest:
         self.state = state
         """The gateway app's state: `identities` exists once its lifespan has started."""
         self.body_limit = body_limit
+        self._redactor: Redactor | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -96,10 +97,11 @@ class FastIngest:
             limiter: RateLimiter = state.rate_limiter
             limiter.check(principal.actor)
             role = await ids.authorize(principal, ws, "write")
-            redactor: Redactor = state.platform.settings.redactor
+            if self._redactor is None:  # the settings' one (compiled once per process)
+                self._redactor = state.platform.settings.redactor
             answer = await post_message_as(
                 ids,
-                redactor,
+                self._redactor,
                 posts_of(state),
                 Access(principal, ws, role),
                 sid,
