@@ -25,7 +25,6 @@ import re
 from typing import Final
 
 import orjson
-import structlog
 from pydantic import ValidationError
 from starlette.datastructures import State
 from starlette.requests import cookie_parser
@@ -36,10 +35,8 @@ from agentbus.errors import AgentbusError
 from agentbus.gateway.auth import COOKIE, Identities
 from agentbus.gateway.deps import Access, posts_of
 from agentbus.gateway.limits import RateLimiter, send_response
-from agentbus.gateway.problems import agentbus_problem, problem
+from agentbus.gateway.problems import agentbus_problem, unexpected_problem
 from agentbus.gateway.routes.conversations import NewMessage, post_message_as
-
-log = structlog.get_logger("agentbus.gateway")
 
 # The route's path, with its parameters' own constraints (`WorkspaceId`, `Id`).
 _PATH: Final = re.compile(
@@ -113,9 +110,7 @@ class FastIngest:
             await agentbus_problem(exc)(scope, receive, send)
             return
         except Exception as exc:  # as the app's own handler: logged, answered 500
-            log.exception("unhandled error", error=repr(exc))
-            internal = problem(500, "Internal error", "an unexpected error occurred", "internal")
-            await internal(scope, receive, send)
+            await unexpected_problem(exc)(scope, receive, send)
             return
         await send_response(send, 202, b"application/json", orjson.dumps(answer))
 

@@ -175,6 +175,17 @@ def agentbus_problem(exc: AgentbusError) -> JSONResponse:
                 extra["original"] = exc.original.as_dict()
             return problem(status, type(exc).__name__, str(exc), kind, **extra)
     log.error("unmapped error", error=repr(exc))
+    return _internal()
+
+
+def unexpected_problem(exc: Exception) -> JSONResponse:
+    """The answer to an error nothing expected: logged with its traceback, answered 500
+    without its details (the app's handler, and the fast path ahead of it)."""
+    log.exception("unhandled error", error=repr(exc))
+    return _internal()
+
+
+def _internal() -> JSONResponse:
     return problem(500, "Internal error", "an unexpected error occurred", "internal")
 
 
@@ -197,8 +208,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem(422, "Invalid request", detail, "invalid-request", errors=errors)
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", error=repr(exc))
-        return problem(500, "Internal error", "an unexpected error occurred", "internal")
+        return unexpected_problem(exc)
 
     app.add_exception_handler(AgentbusError, on_agentbus_error)
     app.add_exception_handler(HTTPException, on_http_error)
