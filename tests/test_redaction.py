@@ -20,11 +20,13 @@ import pytest
 from agentbus.audit.redaction import (
     DEFAULT_NATIONAL_IDS,
     KINDS,
+    Finding,
     InvalidRedactionPattern,
     Redactor,
     iban_valid,
     luhn_valid,
     mask,
+    requires_digit,
 )
 from agentbus.cli.chat import ChatError, say
 from agentbus.domain.handling import load
@@ -231,15 +233,17 @@ def test_the_cheap_preconditions_never_change_what_is_found() -> None:
     # 7 digits close together): the same text scanned by every detector, ungated, must give
     # the same answer, ASCII or not (`\\d` also matches non-ASCII digits).
     ungated = Redactor()
-    ungated._detectors = [
-        dataclasses.replace(
-            compiled,
-            detector=dataclasses.replace(
-                compiled.detector, needs=None, numeric=False, digits=False
-            ),
-        )
-        for compiled in ungated._detectors
-    ]
+    ungated._use(
+        [
+            dataclasses.replace(
+                compiled,
+                detector=dataclasses.replace(
+                    compiled.detector, needs=None, numeric=False, digits=False
+                ),
+            )
+            for compiled in ungated._detectors
+        ]
+    )
     texts = [
         *(text for text, _, _ in TRUE_POSITIVES),
         *FALSE_POSITIVES,
@@ -251,6 +255,57 @@ def test_the_cheap_preconditions_never_change_what_is_found() -> None:
     ]
     for text in texts:
         assert REDACTOR.redact(text) == ungated.redact(text), text
+
+
+@pytest.mark.parametrize(
+    ("expression", "needs_one"),
+    [
+        (r"\d", True),
+        (r"[0-9]", True),
+        (r"7", True),
+        (r"[0-35-9]", True),
+        (r"[\d]", True),
+        (r"ab\d{2,}", True),
+        (r"(?:a|b)+[0-9]?x\d", True),
+        (r"(?P<n>\d)(?P=n)", True),
+        (r"(?i:k)\d", True),
+        (r"a\d|b\d{1,3}", True),
+        (r"(?>\d+)", True),
+        (r"\d++", True),
+        (r"[A-Z]{2}\d\d", True),
+        (r"[A-Z][A-Z]\d\d(?: ?[A-Z0-9]){11,30}", True),
+        (r"abc", False),
+        (r"\d?", False),
+        (r"\d*x", False),
+        (r"\d{0,4}x", False),
+        (r"a|\d", False),
+        (r"[0-9a]", False),
+        (r"[^a-z]", False),
+        (r"[/-9]", False),  # '/' is no digit
+        (r"\D", False),
+        (r"\w", False),
+        (r"(?=\d)\w+", False),  # lookarounds are not read
+        (r"(a)?(?(1)\d|x)", False),  # nor conditionals
+        ("\u017f", False),  # non-ASCII literals are not read either (this one matches "s")
+        (r"(", False),  # not an expression: always scanned
+    ],
+)
+def test_what_needs_a_digit_is_read_from_the_expression(expression: str, needs_one: bool) -> None:
+    assert requires_digit(expression) is needs_one
+
+
+def test_detectors_gated_by_digits_cannot_match_without_one() -> None:
+    # the hand-set gates agree with the expressions; the shipped national ids are gated
+    for compiled in REDACTOR._detectors:
+        detector = compiled.detector
+        if detector.gated_by_digits:
+            assert requires_digit(detector.expression), detector.expression
+    nationals = [c.detector for c in REDACTOR._detectors if c.detector.kind == "national_id"]
+    assert len(nationals) == len(DEFAULT_NATIONAL_IDS)
+    assert all(d.digits for d in nationals)
+    # a configured one without a digit is scanned in every text
+    letters = Redactor({"code": r"[A-Z]{3}-[A-Z]{3}-[A-Z]{3}"})
+    assert letters.redact("code ABC-DEF-GHI").findings == (Finding("national_id", 1),)
 
 
 def test_masking_never_makes_text_longer_than_its_event_allows() -> None:

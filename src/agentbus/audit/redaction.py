@@ -14,12 +14,13 @@ still reads. Findings are counts per kind, never the values.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from agentbus.errors import AgentbusError
 
@@ -248,6 +249,11 @@ class _Detector:
     """Whether a match `check` refused still hides what it covers from the detectors after
     it (an account number that is no valid IBAN is not a card or phone number either)."""
 
+    @property
+    def gated_by_digits(self) -> bool:
+        """Skipped for text without a digit (7 digits close together include one)."""
+        return self.digits or self.numeric
+
 
 _VENDOR_PREFIXES = (
     *("sk-", "sk_", "rk_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
@@ -412,6 +418,48 @@ def _national_expression(pattern: str) -> str:
     return f"(?:{pattern}){_END}"
 
 
+_PARSER: Any = importlib.import_module("re._parser")  # CPython's own, since 3.11
+_DIGIT_CATEGORY = "CATEGORY_DIGIT"
+
+
+def requires_digit(expression: str) -> bool:
+    """Whether every match of `expression` has a digit: a detector that needs one is skipped
+    for ASCII text without any (non-ASCII text is always scanned: `\\d` matches the digits of
+    every script). Read from the expression's parse by CPython's `re`; conservative: False
+    whenever it cannot tell (lookarounds, back references, conditionals, or a parse it does
+    not know)."""
+    try:
+        return _sequence_requires(_PARSER.parse(expression))
+    except Exception:
+        return False
+
+
+def _sequence_requires(items: Iterable[tuple[Any, Any]]) -> bool:
+    return any(_item_requires(str(op), argument) for op, argument in items)
+
+
+def _item_requires(op: str, argument: Any) -> bool:
+    if op == "LITERAL":
+        return bool(48 <= argument <= 57)
+    if op == "IN":  # a class: each member a digit (no negation, no other category)
+        return all(
+            (kind == "LITERAL" and 48 <= value <= 57)
+            or (kind == "RANGE" and value[0] >= 48 and value[1] <= 57)
+            or (kind == "CATEGORY" and str(value) == _DIGIT_CATEGORY)
+            for kind, value in ((str(k), v) for k, v in argument)
+        )
+    if op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+        low, _, body = argument
+        return bool(low >= 1 and _sequence_requires(body))
+    if op == "SUBPATTERN":
+        return _sequence_requires(argument[3])
+    if op == "ATOMIC_GROUP":
+        return _sequence_requires(argument)
+    if op == "BRANCH":
+        return all(_sequence_requires(branch) for branch in argument[1])
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     detector: _Detector
@@ -450,16 +498,27 @@ class Redactor:
                 f"unknown redaction kinds {sorted(unknown)}; known: {', '.join(KINDS)}"
             )
         national = [
-            _Detector("national_id", _national_expression(pattern), not_after=_WORD)
-            for pattern in check_national_ids(national_ids).values()
+            _Detector("national_id", expression, not_after=_WORD, digits=requires_digit(expression))
+            for expression in map(_national_expression, check_national_ids(national_ids).values())
         ]
         at = next(i for i, d in enumerate(_DETECTORS) if d.kind == "phone")
         self.kinds = wanted
-        self._detectors = [
-            _compiled(d)
-            for d in (*_DETECTORS[:at], *national, *_DETECTORS[at:])
-            if d.kind in wanted
-        ]
+        self._use(
+            [
+                _compiled(d)
+                for d in (*_DETECTORS[:at], *national, *_DETECTORS[at:])
+                if d.kind in wanted
+            ]
+        )
+
+    def _use(self, detectors: Sequence[_Compiled]) -> None:
+        """Scan with `detectors`, in this (priority) order."""
+        self._detectors = list(detectors)
+        ranked = list(enumerate(self._detectors))
+        # The detectors to scan, by what the text has: a digit, 7 digits close together.
+        self._without_digits = [(p, c) for p, c in ranked if not c.detector.gated_by_digits]
+        self._without_run = [(p, c) for p, c in ranked if not c.detector.numeric]
+        self._every = ranked
 
     def redact(self, text: str, *, max_length: int | None = None) -> Redacted:
         """`text` with every finding masked; cut at `max_length` if masking made it longer."""
@@ -468,15 +527,16 @@ class Redactor:
         # Whether the text has a digit at all: cheap for ASCII text (a C-level byte
         # translation; `re` scans `\d` a character at a time); other text may have
         # non-ASCII digits, which `\d` matches too, so it is scanned.
-        digits = not aligned or len(text.encode().translate(None, _ASCII_DIGITS)) < len(text)
-        numeric = digits and _DIGIT_RUN.search(text) is not None
+        # The detectors that can match, chosen once per text, not tested one by one.
+        if not aligned or len(text.encode().translate(None, _ASCII_DIGITS)) < len(text):
+            pool = self._every if _DIGIT_RUN.search(text) else self._without_run
+        else:
+            pool = self._without_digits
         # (start, priority, mask from, mask to, covers to, kind or None: hidden, not masked)
         hits: list[tuple[int, int, int, int, int, Kind | None]] = []
-        for priority, compiled in enumerate(self._detectors):
+        for priority, compiled in pool:
             detector = compiled.detector
             if detector.needs is not None and not detector.needs(text, lowered):
-                continue
-            if (detector.numeric and not numeric) or (detector.digits and not digits):
                 continue
             if not detector.lower:
                 search, scanned = compiled.pattern.search, text
