@@ -238,8 +238,6 @@ class _Detector:
     needs: Needs | None = None
     numeric: bool = False
     """Every match has 7 or more digits close together: skipped when the text has none."""
-    digits: bool = False
-    """Every match has a digit: skipped when the text has none."""
     lower: bool = False
     """`expression` is lower case and searched in the lower-cased text (ignoring case, but
     with a literal start CPython's `re` can skip ahead to)."""
@@ -248,11 +246,6 @@ class _Detector:
     opaque: Callable[[str], bool] | None = None
     """Whether a match `check` refused still hides what it covers from the detectors after
     it (an account number that is no valid IBAN is not a card or phone number either)."""
-
-    @property
-    def gated_by_digits(self) -> bool:
-        """Skipped for text without a digit (7 digits close together include one)."""
-        return self.digits or self.numeric
 
 
 _VENDOR_PREFIXES = (
@@ -346,7 +339,6 @@ _DETECTORS: tuple[_Detector, ...] = (
         r"[A-Z][A-Z]\d\d(?: ?[A-Z0-9]){11,30}" + _END,
         not_after=_WORD,
         check=_iban,
-        digits=True,
         opaque=lambda _: True,
     ),
     _Detector(
@@ -423,11 +415,11 @@ _DIGIT_CATEGORY = "CATEGORY_DIGIT"
 
 
 def requires_digit(expression: str) -> bool:
-    """Whether every match of `expression` has a digit: a detector that needs one is skipped
-    for ASCII text without any (non-ASCII text is always scanned: `\\d` matches the digits of
-    every script). Read from the expression's parse by CPython's `re`; conservative: False
-    whenever it cannot tell (lookarounds, back references, conditionals, or a parse it does
-    not know)."""
+    """Whether `expression` can only match in text that has a digit: such a detector is
+    skipped for ASCII text without one (text that is not ASCII is always scanned: `\\d`
+    matches the digits of every script). Read from the expression's parse by CPython's `re`;
+    conservative: False whenever it cannot tell (negative lookarounds, back references and
+    conditionals count for nothing, and a parse it does not know means False)."""
     try:
         return _sequence_requires(_PARSER.parse(expression))
     except Exception:
@@ -455,6 +447,8 @@ def _item_requires(op: str, argument: Any) -> bool:
         return _sequence_requires(argument[3])
     if op == "ATOMIC_GROUP":
         return _sequence_requires(argument)
+    if op == "ASSERT":  # a lookahead or lookbehind: what it needs, the text has
+        return _sequence_requires(argument[1])
     if op == "BRANCH":
         return all(_sequence_requires(branch) for branch in argument[1])
     return False
@@ -469,12 +463,15 @@ class _Compiled:
     """A `lower` detector's expression ignoring case, for text whose lower-cased form has
     another length (non-ASCII): searched in the text itself."""
     not_after: frozenset[str]
+    needs_digit: bool
+    """Skipped for text without a digit (`requires_digit`, or a `numeric` detector)."""
 
 
 def _compiled(detector: _Detector) -> _Compiled:
     pattern = re.compile(detector.expression)
     any_case = re.compile(detector.expression, re.IGNORECASE) if detector.lower else pattern
-    return _Compiled(detector, pattern, any_case, frozenset(detector.not_after))
+    needs_digit = detector.numeric or requires_digit(detector.expression)
+    return _Compiled(detector, pattern, any_case, frozenset(detector.not_after), needs_digit)
 
 
 class Redactor:
@@ -498,8 +495,8 @@ class Redactor:
                 f"unknown redaction kinds {sorted(unknown)}; known: {', '.join(KINDS)}"
             )
         national = [
-            _Detector("national_id", expression, not_after=_WORD, digits=requires_digit(expression))
-            for expression in map(_national_expression, check_national_ids(national_ids).values())
+            _Detector("national_id", _national_expression(pattern), not_after=_WORD)
+            for pattern in check_national_ids(national_ids).values()
         ]
         at = next(i for i, d in enumerate(_DETECTORS) if d.kind == "phone")
         self.kinds = wanted
@@ -516,7 +513,7 @@ class Redactor:
         self._detectors = list(detectors)
         ranked = list(enumerate(self._detectors))
         # The detectors to scan, by what the text has: a digit, 7 digits close together.
-        self._without_digits = [(p, c) for p, c in ranked if not c.detector.gated_by_digits]
+        self._without_digits = [(p, c) for p, c in ranked if not c.needs_digit]
         self._without_run = [(p, c) for p, c in ranked if not c.detector.numeric]
         self._every = ranked
 
