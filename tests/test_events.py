@@ -10,6 +10,7 @@ import pytest
 from agentbus.errors import InvalidEvent, UnknownEventType
 from agentbus.events import AggregateRef, DomainEvent, EventKind, EventRegistry, Upcaster, uuid7
 from agentbus.events.catalog import EVENT_MODELS, default_registry
+from agentbus.events.envelope import uuid5
 from agentbus.events.session import SessionOpened
 from agentbus.events.subjects import workspace_filter
 
@@ -96,6 +97,16 @@ def test_uuid7_is_a_time_ordered_version_7_uuid() -> None:
     assert parsed.version == 7
     assert parsed.variant == uuid.RFC_4122
     assert len({uuid7() for _ in range(1000)}) == 1000
+
+
+def test_uuid5_is_the_standard_librarys_own() -> None:
+    # Idempotency-Keys become event ids through it: a change would post a retry twice
+    namespace = uuid.UUID("6f1d2a8e-3c59-4a3e-9d7b-1b2c3d4e5f60")
+    names = ["", "ws/s1/key", "ünï/cödé/🔑", *(f"acme/s{n}/{'k' * n}" for n in range(0, 300, 7))]
+    for name in names:
+        assert uuid5(namespace, name) == str(uuid.uuid5(namespace, name)), name
+    for namespace in (uuid.NAMESPACE_DNS, uuid.NAMESPACE_URL):
+        assert uuid5(namespace, "agentbus") == str(uuid.uuid5(namespace, "agentbus"))
 
 
 def test_aggregate_subjects() -> None:

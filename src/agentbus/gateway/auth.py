@@ -177,13 +177,18 @@ class Identities:
         self._changes += 1
         self._cache.pop(f"{ref.workspace}.{ref.kind}.{ref.id}", None)
 
+    def _cached(self, workspace: str, kind: str, id_: str) -> Any | None:
+        """The cached state of an aggregate, None when not cached: what every request but the
+        first finds, without a coroutine (the hot path calls this before `_state`)."""
+        # Looked up by its subject tokens: no `AggregateRef` is built and validated.
+        cached = self._cache.get(f"{workspace}.{kind}.{id_}")
+        return None if cached is None else cached[0]
+
     async def _state(self, decider: Decider[Any, Any], workspace: str, kind: str, id_: str) -> Any:
-        # Looked up by its subject tokens: on a hit (every request but the first) no
-        # `AggregateRef` is built and validated.
+        state = self._cached(workspace, kind, id_)
+        if state is not None:
+            return state
         key = f"{workspace}.{kind}.{id_}"
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached[0]
         changes = self._changes
         state, position = await load(self._store, decider, AggregateRef(workspace, kind, id_))
         if changes == self._changes:  # else it may predate an event that arrived meanwhile
@@ -205,7 +210,8 @@ class Identities:
     async def redaction(self, workspace: str) -> RedactionMode:
         """How the workspace treats secrets and personal data in inbound text (cached like
         its members: no stream read per message)."""
-        return (await self.workspace(workspace)).redaction
+        state: WorkspaceState | None = self._cached(workspace, "workspace", workspace)
+        return (state or await self.workspace(workspace)).redaction
 
     async def authenticate(self, authorization: str | None, cookie: str | None) -> Principal:
         if authorization:
@@ -216,7 +222,9 @@ class Identities:
             if parsed is None:
                 raise Unauthenticated("malformed API key")
             key_id, secret = parsed
-            key = await self.key(key_id)
+            key: ApiKeyState | None = self._cached(SYSTEM_WORKSPACE, "apikey", key_id)
+            if key is None:
+                key = await self.key(key_id)
             digest = hashlib.sha256(secret.encode()).hexdigest()
             if not key.exists or not hmac.compare_digest(digest, key.secret_sha256):
                 raise Unauthenticated("unknown API key")

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
-from starlette.datastructures import State
 
 from agentbus.gateway.auth import COOKIE, Identities, Permission, Principal
 from agentbus.gateway.limits import RateLimiter
@@ -28,15 +27,8 @@ def identities(request: Request) -> Identities:
 
 
 async def session_posts(request: Request) -> SessionPosts:
-    """The process's views of the sessions it posts into (made on first use)."""
-    return posts_of(request.app.state)
-
-
-def posts_of(state: State) -> SessionPosts:
-    """`session_posts` of an app's state (the fast path has no request object)."""
-    posts: SessionPosts | None = getattr(state, "session_posts", None)
-    if posts is None:
-        posts = state.session_posts = SessionPosts(state.platform.store)
+    """The process's views of the sessions it posts into."""
+    posts: SessionPosts = request.app.state.session_posts
     return posts
 
 

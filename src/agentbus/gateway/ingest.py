@@ -22,19 +22,20 @@ logged and answered 500, as the app's own handler does.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Final
 
 import orjson
 from pydantic import ValidationError
-from starlette.datastructures import State
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentbus.audit.redaction import Redactor
 from agentbus.errors import AgentbusError
 from agentbus.gateway.auth import COOKIE, Identities
-from agentbus.gateway.deps import Access, posts_of
+from agentbus.gateway.deps import Access
 from agentbus.gateway.limits import RateLimiter, send_response
+from agentbus.gateway.posting import SessionPosts
 from agentbus.gateway.problems import agentbus_problem, unexpected_problem
 from agentbus.gateway.routes.conversations import NewMessage, post_message_as
 
@@ -45,18 +46,30 @@ _PATH: Final = re.compile(
 _JSON: Final = (b"application/json", b"application/json; charset=utf-8")
 
 
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What posting needs, given by the gateway app's lifespan: the same objects the route's
+    dependencies find in the app's state (where each is a Python-level `__getattr__` away,
+    ~2 µs of a post for the four)."""
+
+    identities: Identities
+    limiter: RateLimiter
+    posts: SessionPosts
+    redactor: Redactor
+
+
 class FastIngest:
     """ASGI app: answers posts of messages itself, hands everything else to `app`."""
 
-    def __init__(self, app: ASGIApp, state: State, body_limit: int) -> None:
+    def __init__(self, app: ASGIApp, body_limit: int) -> None:
         self.app = app
-        self.state = state
-        """The gateway app's state: `identities` exists once its lifespan has started."""
         self.body_limit = body_limit
-        self._redactor: Redactor | None = None
+        self.serving: Serving | None = None
+        """Set while the app's lifespan runs; before it (and after), posts go to the route."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        serving = self.serving
+        if serving is None or scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         path = _PATH.fullmatch(scope["path"])
@@ -83,23 +96,19 @@ class FastIngest:
                 # The route's own answer: 401/403/404 before 422, as its dependencies run first.
                 await self.app(scope, _replay(raw), send)
                 return
-            state = self.state
-            ids: Identities = state.identities
             authorization = _text(headers.get(b"authorization"))
             # An Authorization header is all `authenticate` looks at when there is one: the
             # cookies are parsed only without it.
+            ids = serving.identities
             principal = await ids.authenticate(
                 authorization, None if authorization else _cookie(headers.get(b"cookie"))
             )
-            limiter: RateLimiter = state.rate_limiter
-            limiter.check(principal.actor)
+            serving.limiter.check(principal.actor)
             role = await ids.authorize(principal, ws, "write")
-            if self._redactor is None:  # the settings' one (compiled once per process)
-                self._redactor = state.platform.settings.redactor
             answer = await post_message_as(
                 ids,
-                self._redactor,
-                posts_of(state),
+                serving.redactor,
+                serving.posts,
                 Access(principal, ws, role),
                 sid,
                 body,

@@ -24,7 +24,7 @@ from agentbus.domain.session import (
     ReceiveMessage,
     SessionNotFound,
 )
-from agentbus.events.envelope import uuid7
+from agentbus.events.envelope import uuid5, uuid7
 from agentbus.events.session import MAX_TEXT, Channel, ConcurrencyPolicy
 from agentbus.events.subjects import AggregateRef
 from agentbus.gateway.auth import Identities, NotVisible
@@ -262,7 +262,7 @@ async def post_message_as(
     workspace = access.workspace
     ref = posts.ref(workspace, sid)
     event_id = (
-        str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{workspace}/{sid}/{idempotency_key}"))
+        uuid5(IDEMPOTENCY_NAMESPACE, f"{workspace}/{sid}/{idempotency_key}")
         if idempotency_key
         else uuid7()
     )
