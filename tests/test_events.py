@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any, ClassVar
 
 import pytest
 
+from agentbus.domain.session import SessionState
 from agentbus.errors import InvalidEvent, UnknownEventType
 from agentbus.events import AggregateRef, DomainEvent, EventKind, EventRegistry, Upcaster, uuid7
 from agentbus.events.catalog import EVENT_MODELS, default_registry
 from agentbus.events.envelope import uuid5
 from agentbus.events.session import SessionOpened
 from agentbus.events.subjects import workspace_filter
+from agentbus.store.eventstore import ANY, Expect
 
 
 class TitleSetV3(DomainEvent):
@@ -107,6 +110,20 @@ def test_uuid5_is_the_standard_librarys_own() -> None:
         assert uuid5(namespace, name) == str(uuid.uuid5(namespace, name)), name
     for namespace in (uuid.NAMESPACE_DNS, uuid.NAMESPACE_URL):
         assert uuid5(namespace, "agentbus") == str(uuid.uuid5(namespace, "agentbus"))
+
+
+def test_value_objects_compare_and_hash_by_their_fields() -> None:
+    # `value` classes are frozen for mypy (an assignment to a field does not type-check) and
+    # plain slots dataclasses at run time: equal and hashable by their fields, no __dict__
+    state = SessionState(status="open", messages=2)
+    same = SessionState(status="open", messages=2)
+    assert state == same
+    assert hash(state) == hash(same)
+    assert len({state, same}) == 1
+    assert dataclasses.replace(state, messages=3) != state
+    assert not hasattr(state, "__dict__")
+    assert Expect.at(3) == Expect(3)
+    assert hash(ANY) == hash(Expect(None))
 
 
 def test_aggregate_subjects() -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from agentbus.errors import AgentbusError
+from agentbus.values import value
 
 Kind = Literal[
     "private_key",
@@ -71,7 +72,7 @@ class Finding:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Redacted:
     text: str
     """The text with every finding masked (the input itself when nothing was found)."""

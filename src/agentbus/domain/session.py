@@ -19,6 +19,7 @@ from agentbus.events.session import (
     SessionClosed,
     SessionOpened,
 )
+from agentbus.values import value
 
 # ---------------------------------------------------------------------------- state
 
@@ -33,7 +34,7 @@ class PendingRun:
     author: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SessionState:
     status: Status = "new"
     channel: Channel | None = None
@@ -95,7 +96,7 @@ class OpenSession:
     concurrency: ConcurrencyPolicy = "enqueue"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ReceiveMessage:
     message_id: str
     author: str

@@ -37,6 +37,7 @@ from agentbus.events.identity import SYSTEM_WORKSPACE
 from agentbus.events.subjects import AggregateRef
 from agentbus.events.workspace import RedactionMode, Role
 from agentbus.store.eventstore import EventStore
+from agentbus.values import value
 
 KEY_PREFIX = "ab"
 COOKIE = "agentbus_session"
@@ -129,7 +130,7 @@ def verify_session(secret: bytes, value: str, now: float | None = None) -> str |
 # ---------------------------------------------------------------------------- principals
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Principal:
     kind: Literal["apikey", "user"]
     id: str

@@ -4,7 +4,6 @@ the path (authenticated, member with a role that allows the operation, under the
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
@@ -14,6 +13,7 @@ from agentbus.gateway.limits import RateLimiter
 from agentbus.gateway.posting import SessionPosts
 from agentbus.queries.consistency import ensure_written
 from agentbus.runtime.platform import Platform
+from agentbus.values import value
 
 
 def platform(request: Request) -> Platform:
@@ -48,7 +48,7 @@ Id = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$
 """A session, run or approval id in a path (what a subject token may hold)."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Access:
     principal: Principal
     workspace: str

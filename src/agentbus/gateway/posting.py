@@ -26,9 +26,10 @@ from agentbus.errors import ConcurrencyConflict
 from agentbus.events.envelope import EventContext
 from agentbus.events.subjects import AggregateRef
 from agentbus.store.eventstore import EventStore, Expect
+from agentbus.values import value
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Posted:
     message_id: str
     position: int

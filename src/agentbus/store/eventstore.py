@@ -47,6 +47,7 @@ from agentbus.events.privacy import Personal
 from agentbus.events.registry import DomainEvent, EventRegistry
 from agentbus.events.subjects import EVENTS_PREFIX, AggregateRef
 from agentbus.store.ordered import Delivery, OrderedReader, tap
+from agentbus.values import value
 
 if TYPE_CHECKING:
     from agentbus.audit.erasure import Sealer
@@ -68,7 +69,7 @@ _STREAM_NOT_FOUND: Final = 10059
 """JetStream's error code for "stream not found"."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Expect:
     """What the caller believes the aggregate's last position is. `Expect.ANY` checks nothing."""
 
@@ -87,7 +88,7 @@ NO_EVENTS: Final = Expect(0)
 """The aggregate must have no events yet (it is being created)."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class AppendResult:
     """Where the appended events are. `duplicate`: they had been appended before (a retry)."""
 
