@@ -64,13 +64,14 @@ class SubjectKey:
 
 
 def _aad(event_id: str, field: str) -> bytes:
-    return b"%s%s\x00%s" % (_AAD_PREFIX, event_id.encode(), field.encode())
+    return _AAD_PREFIX + event_id.encode() + b"\x00" + field.encode()
 
 
 def seal_value(key: SubjectKey, event_id: str, field: str, plaintext: str) -> str:
     """`plaintext` sealed for field `field` of event `event_id`."""
     nonce = os.urandom(_NONCE_BYTES)
-    sealed = key.cipher.encrypt(nonce, plaintext.encode(), _aad(event_id, field))
+    aad = _AAD_PREFIX + event_id.encode() + b"\x00" + field.encode()  # `_aad`, inlined
+    sealed = key.cipher.encrypt(nonce, plaintext.encode(), aad)
     # binascii's base64 (standard alphabet, padded): ~1 µs less per field than urlsafe's.
     blob = binascii.b2a_base64(nonce + sealed, newline=False).decode("ascii")
     return f"{PREFIX}{key.key_id}:{blob}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -30,16 +30,17 @@ class EventKind:
     aggregate: str
     name: str
     version: int
+    type: str = field(init=False, repr=False, compare=False)
+    """The CloudEvents type, `agentbus.<aggregate>.<name>.v<version>` (made once: every
+    append writes it)."""
 
     def __post_init__(self) -> None:
         validate_name(self.aggregate, "aggregate kind")
         validate_name(self.name, "event name")
         if self.version < 1:
             raise ValueError(f"event version must be >= 1, got {self.version}")
-
-    @property
-    def type(self) -> str:
-        return f"{TYPE_PREFIX}.{self.aggregate}.{self.name}.v{self.version}"
+        type_ = f"{TYPE_PREFIX}.{self.aggregate}.{self.name}.v{self.version}"
+        object.__setattr__(self, "type", type_)
 
     @classmethod
     def parse(cls, type_string: str) -> EventKind:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agentbus.errors import InvalidEvent
 
@@ -50,24 +50,23 @@ class AggregateRef:
     workspace: str
     kind: str
     id: str
+    filter: str = field(init=False, repr=False, compare=False)
+    """The subject filter matching every event of this aggregate."""
+    path: str = field(init=False, repr=False, compare=False)
+    """The CloudEvents `subject` attribute: `<aggregate>/<id>`."""
 
     def __post_init__(self) -> None:
         validate_token(self.workspace, "workspace")
         validate_name(self.kind, "aggregate kind")
         validate_token(self.id, f"{self.kind} id")
-
-    @property
-    def filter(self) -> str:
-        """The subject filter matching every event of this aggregate."""
-        return f"{EVENTS_PREFIX}.{self.workspace}.{self.kind}.{self.id}.*"
+        # Made once (every append writes both; refs on hot paths are cached).
+        object.__setattr__(
+            self, "filter", f"{EVENTS_PREFIX}.{self.workspace}.{self.kind}.{self.id}.*"
+        )
+        object.__setattr__(self, "path", f"{self.kind}/{self.id}")
 
     def subject(self, event_name: str) -> str:
         return f"{EVENTS_PREFIX}.{self.workspace}.{self.kind}.{self.id}.{event_name}"
-
-    @property
-    def path(self) -> str:
-        """The CloudEvents `subject` attribute: `<aggregate>/<id>`."""
-        return f"{self.kind}/{self.id}"
 
     @classmethod
     def from_subject(cls, subject: str) -> AggregateRef:

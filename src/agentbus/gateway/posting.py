@@ -92,7 +92,7 @@ class SessionPosts:
                 continue
             try:
                 result = await self._store.append(
-                    ref, events, expect=Expect.at(position), context=context, event_ids=[event_id]
+                    ref, events, expect=Expect(position), context=context, event_ids=[event_id]
                 )
             except ConcurrencyConflict:
                 if attempt == self._attempts - 1:

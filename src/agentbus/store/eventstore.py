@@ -874,6 +874,18 @@ def _checked_ids(
     ref: AggregateRef, events: Sequence[DomainEvent], event_ids: Sequence[str] | None
 ) -> list[str]:
     """Validate an append's events and ids (pure); returns the ids to use."""
+    if len(events) == 1 and event_ids is not None and len(event_ids) == 1:
+        # One event with its id, the common case (every post): the checks below, without
+        # their loops and set.
+        (event,), (event_id,) = events, event_ids
+        if (
+            isinstance(event, DomainEvent)
+            and event.kind.aggregate == ref.kind
+            and 0 < len(event_id) <= MAX_ID_LENGTH
+            and event_id.isprintable()
+            and " " not in event_id
+        ):
+            return [event_id]
     if not events:
         raise InvalidEvent("append needs at least one event")
     if len(events) > MAX_BATCH:
