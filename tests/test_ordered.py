@@ -278,6 +278,30 @@ async def test_store_replies_take_plain_replies_from_the_tap_and_statuses_from_n
             await replies.request("silent", b"x", {"a": "b"}, 0.2)
         assert 0.15 < time.monotonic() - started < 1.5
         assert replies._waiting == {}
+
+        # Deadlines are kept by one sweep, not a timer per request: each request gives up
+        # at its own deadline (within a sweep's interval), answered ones are not disturbed,
+        # and the sweep stops once nothing waits.
+        async def timed(subject: str, timeout: float) -> tuple[str, float]:
+            began = time.monotonic()
+            try:
+                await replies.request(subject, b"x", {"a": "b"}, timeout)
+            except TimeoutError:
+                return "timeout", time.monotonic() - began
+            return "answered", time.monotonic() - began
+
+        short, answered, long = await asyncio.gather(
+            timed("silent", 0.2), timed("answering", 2.0), timed("silent", 0.8)
+        )
+        assert short[0] == "timeout"
+        assert 0.15 < short[1] < 0.6
+        assert answered[0] == "answered"
+        assert answered[1] < 0.5
+        assert long[0] == "timeout"
+        assert 0.75 < long[1] < 1.3
+        await asyncio.sleep(0.3)
+        assert replies._waiting == {}
+        assert replies._sweeper is None
     finally:
         await responder.unsubscribe()
         await silent.unsubscribe()

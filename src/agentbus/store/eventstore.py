@@ -59,6 +59,9 @@ _READ_AHEAD: Final = 1024  # deliveries a reader holds before it holds back flow
 _CLOSED_CHECK: Final = 1.0  # seconds between a waiting reader's looks at the connection
 _INACTIVE_THRESHOLD: Final = 1.0  # seconds a stopped reader's consumer outlives it
 _HEARTBEAT: Final = 2.0  # seconds between a reader's consumer's heartbeats when idle
+_SWEEP: Final = 0.1
+"""Seconds between the sweeps that fail requests past their deadline: a request waits at most
+its timeout plus this."""
 
 _WRONG_LAST_SEQUENCE = 10071
 _BATCH_DUPLICATE_ID = 10201
@@ -760,7 +763,9 @@ class _Replies:
         self._nc = nc
         self._prefix = f"{nc.new_inbox()}."
         self._tokens = itertools.count()
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._waiting: dict[str, tuple[asyncio.Future[bytes], float]] = {}
+        """Inbox -> the request's future and its deadline (the loop's clock)."""
+        self._sweeper: asyncio.TimerHandle | None = None
         self._streams: dict[str, asyncio.Queue[Msg]] = {}
         self._subscribed = False
         self._subscribing = asyncio.Lock()
@@ -775,15 +780,15 @@ class _Replies:
         inbox = f"{self._prefix}{next(self._tokens)}"
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        self._waiting[inbox] = future
-        # A timer of its own, not `asyncio.timeout`: the same deadline for half the CPU (no
-        # context manager, no task lookup), measured 5.8 -> 2.6 µs per request.
-        timer = loop.call_at(loop.time() + timeout, _expire, future)
+        # No timer per request (`asyncio.timeout` cost 5.8 µs, a timer of its own 2.6): one
+        # sweep every `_SWEEP` seconds fails the requests past their deadline.
+        self._waiting[inbox] = (future, loop.time() + timeout)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(_SWEEP, self._sweep, loop)
         try:
             await self._nc.publish(subject, payload, reply=inbox, headers=headers)
             return await future
         finally:
-            timer.cancel()
             del self._waiting[inbox]
 
     async def stream(self) -> tuple[str, asyncio.Queue[Msg]]:
@@ -809,16 +814,26 @@ class _Replies:
         """A reply from the parser: a PubAck for a waiting request is taken here."""
         if headers is not None:
             return False
-        future = self._waiting.get(subject.decode())
-        if future is None:
+        waiting = self._waiting.get(subject.decode())
+        if waiting is None:
             return False
+        future = waiting[0]
         if not future.done():
             future.set_result(data)
         return True
 
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the requests past their deadline; again in `_SWEEP` seconds while any wait."""
+        now = loop.time()
+        for future, deadline in self._waiting.values():
+            if deadline <= now and not future.done():
+                future.set_exception(TimeoutError("no reply within the timeout"))
+        self._sweeper = loop.call_later(_SWEEP, self._sweep, loop) if self._waiting else None
+
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.get(msg.subject)
-        if future is not None:
+        waiting = self._waiting.get(msg.subject)
+        if waiting is not None:
+            future = waiting[0]
             if not future.done():
                 if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
                     future.set_exception(NoRespondersError())
@@ -828,11 +843,6 @@ class _Replies:
         queue = self._streams.get(msg.subject)
         if queue is not None:
             queue.put_nowait(msg)
-
-
-def _expire(future: asyncio.Future[bytes]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError("no reply within the timeout"))
 
 
 def encode_event(
