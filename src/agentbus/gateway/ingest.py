@@ -44,6 +44,7 @@ _PATH: Final = re.compile(
     r"/v1/workspaces/([a-z0-9][a-z0-9_-]{0,63})/sessions/([A-Za-z0-9_-]{1,64})/messages"
 )
 _JSON: Final = (b"application/json", b"application/json; charset=utf-8")
+_NEW_MESSAGE: Final = NewMessage.__pydantic_validator__
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +88,12 @@ class FastIngest:
         ):
             await self.app(scope, receive, send)
             return
-        ws, sid = path.group(1), path.group(2)
+        ws, sid = path.groups()
         try:
             raw = await _body(receive)
             try:
-                body = NewMessage.model_validate_json(raw)
+                # = NewMessage.model_validate_json, without its Python wrapper (0.4 µs)
+                body: NewMessage = _NEW_MESSAGE.validate_json(raw)
             except ValidationError:
                 # The route's own answer: 401/403/404 before 422, as its dependencies run first.
                 await self.app(scope, _replay(raw), send)
