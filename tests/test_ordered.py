@@ -294,11 +294,12 @@ async def test_store_replies_take_plain_replies_from_the_tap_and_statuses_from_n
             timed("silent", 0.2), timed("answering", 2.0), timed("silent", 0.8)
         )
         assert short[0] == "timeout"
-        assert 0.15 < short[1] < 0.6
+        assert 0.15 < short[1] < 1.0
         assert answered[0] == "answered"
-        assert answered[1] < 0.5
+        assert answered[1] < 1.0
         assert long[0] == "timeout"
-        assert 0.75 < long[1] < 1.3
+        assert 0.75 < long[1] < 2.0
+        assert long[1] - short[1] > 0.4  # each at its own deadline
         await asyncio.sleep(0.3)
         assert replies._waiting == {}
         assert replies._sweeper is None
