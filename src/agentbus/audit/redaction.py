@@ -432,7 +432,7 @@ def requires_digit(expression: str) -> bool:
     conditionals count for nothing, and a parse it does not know means False)."""
     try:
         return _sequence_requires(_PARSER.parse(expression))
-    except Exception:
+    except Exception:  # a bad expression, or a parse of another shape: always scanned
         return False
 
 
@@ -445,10 +445,10 @@ def _item_requires(op: str, argument: Any) -> bool:
         return bool(48 <= argument <= 57)
     if op == "IN":  # a class: each member a digit (no negation, no other category)
         return all(
-            (kind == "LITERAL" and 48 <= value <= 57)
-            or (kind == "RANGE" and value[0] >= 48 and value[1] <= 57)
-            or (kind == "CATEGORY" and str(value) == _DIGIT_CATEGORY)
-            for kind, value in ((str(k), v) for k, v in argument)
+            (kind == "LITERAL" and 48 <= member <= 57)
+            or (kind == "RANGE" and member[0] >= 48 and member[1] <= 57)
+            or (kind == "CATEGORY" and str(member) == _DIGIT_CATEGORY)
+            for kind, member in ((str(k), m) for k, m in argument)
         )
     if op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
         low, _, body = argument

@@ -70,8 +70,7 @@ def _aad(event_id: str, field: str) -> bytes:
 def seal_value(key: SubjectKey, event_id: str, field: str, plaintext: str) -> str:
     """`plaintext` sealed for field `field` of event `event_id`."""
     nonce = os.urandom(_NONCE_BYTES)
-    aad = _AAD_PREFIX + event_id.encode() + b"\x00" + field.encode()  # `_aad`, inlined
-    sealed = key.cipher.encrypt(nonce, plaintext.encode(), aad)
+    sealed = key.cipher.encrypt(nonce, plaintext.encode(), _aad(event_id, field))
     # binascii's base64 (standard alphabet, padded): ~1 µs less per field than urlsafe's.
     blob = binascii.b2a_base64(nonce + sealed, newline=False).decode("ascii")
     return f"{PREFIX}{key.key_id}:{blob}"
